@@ -245,9 +245,7 @@ def load_settings(
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ConfigError(
-            f"Settings file {path} does not exist. Pass --config PATH or set CATALYST_CONFIG."
-        ) from None
+        raise ConfigError(f"Settings file {path} does not exist. Pass --config PATH or set CATALYST_CONFIG.") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"Settings file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
