@@ -51,6 +51,18 @@ class OrderStateUnknown(AgentError):
     exit_code = 1
 
 
+class ModelUnavailable(AgentError):
+    """The Claude API could not be reached or kept failing after the SDK's own retries. Try the next cycle."""
+
+    exit_code = 1
+
+
+class ModelAPIError(AgentError):
+    """The Claude API refused the request (unknown model, bad request, auth). Fix settings or key; exit 1."""
+
+    exit_code = 1
+
+
 class JournalError(AgentError):
     """The PostgreSQL journal is unreachable or refused a write. Nothing is traded without a journal."""
 

@@ -1,0 +1,598 @@
+#!/usr/bin/env python3
+"""Catalyst International: one HKEX trading cycle (or one guard pass), then exit.
+
+The composition root: parses flags, loads settings, opens journal, broker and market data, runs the cycle,
+and exits with a code that says what happened (DESIGN.md §2). Heavy libraries are imported lazily so
+``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+HKT = ZoneInfo("Asia/Hong_Kong")
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_BROKER, EXIT_HALTED, EXIT_LOCKED = 0, 1, 2, 3, 4, 5
+
+EPILOG = """\
+exit codes:
+  0  done (including "market closed, nothing to do")
+  1  unexpected error (see the run_failed line in logs/agent-YYYYMMDD.log)
+  2  bad configuration (the message names the setting)
+  3  broker/gateway unreachable (start OpenD: docker compose -f docker-compose.opend.yml up -d)
+  4  halted by a risk limit or the kill switch (entries blocked; exits still run)
+  5  another instance holds the account lock
+
+environment:
+  ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL   Claude (the key is only read from the environment)
+  DATABASE_URL                            journal server; unset = embedded PostgreSQL in var/pg
+  OPEND_HOST, OPEND_PORT, FUTU_TRADE_PWD  Futu OpenD gateway (password used for REAL accounts only)
+  CATALYST_CONFIG                         settings file (default config/settings.yaml)
+  SMTP_HOST, SMTP_PORT, SMTP_USER, SMTP_PASS, ALERT_EMAIL   alerts
+
+examples:
+  python agent.py --dry-run --broker sim --brain rules --now 2026-11-20T10:15:00+08:00
+  python agent.py                  # one cycle with the configured broker and Claude
+  python agent.py --guard          # stops, take-profits, time stops, daily loss limit; no model
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="agent.py",
+        description=(
+            "Run one HKEX trading cycle: read account and market, let the brain decide through tool calls, "
+            "pass every call through the safety layer, execute what is allowed, journal everything, exit."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="full cycle with real reads, but orders are only journalled (status dry_run), never sent",
+    )
+    mode.add_argument(
+        "--guard",
+        action="store_true",
+        help="no model: reconcile, enforce stops/take-profits/time stops and the daily loss limit, exit",
+    )
+    parser.add_argument("--broker", choices=["futu", "sim"], help="override broker.name from the settings")
+    parser.add_argument("--brain", choices=["claude", "rules"], help="override agent.brain from the settings")
+    parser.add_argument(
+        "--config", metavar="PATH", help="settings file (default: $CATALYST_CONFIG or config/settings.yaml)"
+    )
+    parser.add_argument(
+        "--now",
+        metavar="ISO-8601",
+        help="run as if the clock read this time, e.g. 2026-11-20T10:15:00+08:00 (sim broker or paper trading "
+        "only; refused for REAL accounts)",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="confirm trading a REAL account (needs broker.futu.trd_env: REAL too; paper is the default)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug lines on the console too")
+    return parser.parse_args(argv)
+
+
+def parse_now(text: str | None) -> datetime | None:
+    """``--now`` as an aware datetime (naive times are Hong Kong time)."""
+    if text is None:
+        return None
+    from config.errors import ConfigError
+
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--now {text!r} is not an ISO-8601 time; write e.g. 2026-11-20T10:15:00+08:00") from None
+    return value if value.tzinfo else value.replace(tzinfo=HKT)
+
+
+def make_clock(start: datetime | None):
+    """The run's clock: real time, or ``--now`` advancing with the real elapsed time."""
+    if start is None:
+        return lambda: datetime.now(HKT)
+    origin = time.monotonic()
+    start = start.astimezone(HKT)
+    return lambda: start + timedelta(seconds=time.monotonic() - origin)
+
+
+@dataclass
+class Run:
+    """What a run opened, so the top level can close and journal it whatever happens."""
+
+    run_id: str
+    journal: Any = None
+    cycle_id: int | None = None
+    broker: Any = None
+    alerter: Any = None
+    lock_key: str | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = Run(run_id=uuid.uuid4().hex)
+    try:
+        return execute(args, run)
+    except Exception as exc:  # the one place every failure becomes a line and an exit code
+        return fail(exc, run)
+    finally:
+        close_run(run)
+
+
+def execute(args: argparse.Namespace, run: Run) -> int:
+    from config.errors import ConfigError
+    from config.logs import configure_logging
+    from config.settings import Secrets, load_settings
+
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.broker:
+        overrides["broker"] = {"name": args.broker}
+    if args.brain:
+        overrides["agent"] = {"brain": args.brain}
+    settings = load_settings(args.config, overrides=overrides)
+    now_override = parse_now(args.now)
+    clock = make_clock(now_override)
+    log_file = configure_logging(settings.resolve(settings.agent.log_dir), clock(), verbose=args.verbose)
+
+    import structlog
+
+    mode = "guard" if args.guard else "dry_run" if args.dry_run else "trade"
+    real = settings.broker.name == "futu" and settings.broker.futu.trd_env == "REAL"
+    structlog.contextvars.bind_contextvars(run_id=run.run_id[:12], mode="live" if real else "sim")
+    log = structlog.get_logger("agent")
+    if now_override is not None and real:
+        raise ConfigError(
+            "--now is refused because this run could reach a REAL account (broker.futu.trd_env: REAL). "
+            "Use --broker sim or trd_env: SIMULATE to replay a time."
+        )
+    if real and not args.live:
+        raise ConfigError(
+            "broker.futu.trd_env is REAL but --live was not given. Real-money trading needs both; "
+            "run with --live to confirm, or set trd_env: SIMULATE for paper trading."
+        )
+    secrets = Secrets.from_env()
+    log.info(
+        "run_started",
+        cycle_mode=mode,
+        broker=settings.broker.name,
+        brain=settings.agent.brain,
+        now=clock().isoformat(timespec="seconds"),
+        log_file=str(log_file) if log_file else None,
+    )
+    log.debug("settings_loaded", settings=settings.redacted(), source=str(settings.source))
+
+    return open_and_run(args, run, settings, secrets, clock, mode, log)
+
+
+# ------------------------------------------------------------------------------------------ composition
+
+
+def build_sources(settings: Any, secrets: Any, clock: Any, live: bool) -> tuple[Any, Any]:
+    """(broker, market data source) for the configured broker: the one place that chooses."""
+    if settings.broker.name == "sim":
+        from brokers.sim import SimBroker, SimExchange
+
+        sim = settings.broker.sim
+        exchange = SimExchange(
+            seed=sim.seed,
+            clock=clock,
+            state_file=settings.resolve(sim.state_file),
+            starting_cash=sim.starting_cash_hkd,
+            commission_pct=sim.commission_pct,
+            min_commission=sim.min_commission_hkd,
+        )
+        return SimBroker(exchange), exchange
+    from brokers.futu import FutuClient
+
+    client = FutuClient(settings.broker.futu, clock=clock, live_confirmed=live, trade_password=secrets.futu_trade_pwd)
+    client.connect()
+    return client, client
+
+
+def open_and_run(
+    args: argparse.Namespace, run: Run, settings: Any, secrets: Any, clock: Any, mode: str, log: Any
+) -> int:
+    """Open the journal, take the lock, connect, and run one cycle or one guard pass."""
+    from brokers.dry_run import DryRunBroker
+    from data.alerts import Alerter
+    from data.database import Journal
+    from data.market import market_status
+
+    run.journal = Journal.open(settings, secrets)
+    run.alerter = Alerter(settings.alerts, secrets.smtp_password, run.journal)
+    brain_name = "none" if mode == "guard" else settings.agent.brain
+    model = None if mode == "guard" else (settings.claude.model if brain_name == "claude" else "rules-v1")
+    now = clock()
+    status = market_status(now)
+    if mode != "guard" and not status.is_continuous:
+        cycle_id = run.journal.start_cycle(
+            run_id=run.run_id, mode=mode, broker=settings.broker.name, brain=brain_name, model=model,
+            started_at=now, trading_date=now.date(),
+        )  # fmt: skip
+        run.journal.finish_cycle(cycle_id, status="skipped", finished_at=clock(), summary=status.description)
+        log.info("market_closed", status=status.description, next_open=status.next_open.isoformat(timespec="minutes"))
+        return EXIT_OK
+    lock_key = f"{settings.broker.name}:{settings.broker.futu.trd_env if settings.broker.name == 'futu' else 'sim'}"
+    holder = run.journal.try_lock(lock_key, f"{mode} run {run.run_id[:12]} pid {os.getpid()}")
+    if holder is not None:
+        from config.errors import LockHeld
+
+        raise LockHeld(f"Another agent instance holds the lock for {lock_key}: {holder}. Try again when it finishes.")
+    run.lock_key = lock_key
+    run.cycle_id = run.journal.start_cycle(
+        run_id=run.run_id, mode=mode, broker=settings.broker.name, brain=brain_name, model=model,
+        started_at=now, trading_date=now.date(),
+    )  # fmt: skip
+    run.alerter.cycle_id = run.cycle_id
+    broker, source = build_sources(settings, secrets, clock, args.live)
+    run.broker = broker
+    if mode == "dry_run":
+        broker = DryRunBroker(broker, clock)
+    if mode == "guard":
+        return run_guard(settings, run, broker, source, clock, log)
+    return run_cycle(settings, secrets, run, broker, source, clock, mode, log)
+
+
+# ------------------------------------------------------------------------------------------------ cycle
+
+
+def make_context(settings: Any, run: Run, broker: Any, source: Any, clock: Any, dry_run: bool) -> Any:
+    from data.news import NewsService
+
+    from data.database import PgKlineCache
+    from data.market import MarketService, market_status
+    from tool_executor import CycleContext
+
+    market = MarketService(source, clock, kline_cache=PgKlineCache(run.journal))
+    return CycleContext(
+        settings=settings,
+        clock=clock,
+        broker=broker,
+        market=market,
+        news=NewsService(source, clock),
+        journal=run.journal,
+        alerter=run.alerter,
+        cycle_id=run.cycle_id,
+        run_id=run.run_id,
+        dry_run=dry_run,
+        market_status=lambda: market_status(clock(), source.market_state()),
+    )
+
+
+def kill_switch_reason(settings: Any, journal: Any) -> str | None:
+    """Rule 15: the HALT file or the journal's ``halt`` flag."""
+    halt_file = settings.resolve(settings.risk.halt_file)
+    if halt_file.exists():
+        return f"kill switch file {halt_file} exists (delete it to resume entries)"
+    flag = journal.get_flag("halt")
+    if flag:
+        return f"kill switch flag set in the journal: {flag} (clear the 'halt' row in control_flags to resume)"
+    return None
+
+
+def reconcile_orders(ctx: Any, log: Any) -> list[str]:
+    """Settle orders the journal still thinks are live from the broker's answer; return the unresolved ones."""
+    from brokers.base import OrderStatus
+
+    unresolved = []
+    for row in ctx.journal.unresolved_orders():
+        if row.status == OrderStatus.DRY_RUN:
+            continue
+        try:
+            found = ctx.broker.find_order(row.client_order_id)
+        except Exception as exc:
+            log.warning("reconcile_lookup_failed", client_order_id=row.client_order_id, error=str(exc))
+            found = None
+        if found is None:
+            if row.status == OrderStatus.PENDING or row.status == OrderStatus.UNKNOWN:
+                unresolved.append(row.client_order_id)
+            continue
+        if found.status != row.status or found.filled_quantity != row.filled_quantity:
+            ctx.journal.update_order(
+                row.client_order_id,
+                status=found.status,
+                broker_order_id=found.broker_order_id,
+                filled_quantity=found.filled_quantity,
+                avg_fill_price=found.avg_fill_price,
+                at=ctx.clock(),
+            )
+            log.info("order_reconciled", client_order_id=row.client_order_id, status=found.status.value)
+        if found.status == OrderStatus.UNKNOWN:
+            unresolved.append(row.client_order_id)
+    return unresolved
+
+
+def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str | None) -> str:
+    """The per-run context: everything that changes between runs goes here, never in the cached prefix."""
+    import json
+
+    from tool_executor import portfolio_summary
+
+    portfolio = portfolio_summary(ctx)
+    trades_today = ctx.journal.count_trades_on(ctx.trading_date)
+    r = ctx.settings.risk
+    lines = [
+        f"# Trading cycle {ctx.run_id[:12]} ({'DRY RUN: orders are journalled, not sent' if ctx.dry_run else 'live orders'})",
+        f"Time: {ctx.clock():%Y-%m-%d %H:%M} HKT ({ctx.clock():%A})",
+        f"Market: {status.description}",
+        f"Risk mode: {risk_mode}"
+        + (" (position cap halved)" if risk_mode == "warning" else "")
+        + (f"; ENTRIES BLOCKED: {halt_reason}" if halt_reason else ""),
+        f"Trades today: {trades_today} of {r.max_daily_trades}",
+        "Portfolio:",
+        json.dumps(portfolio, separators=(",", ":"), default=str),
+        "",
+        "Analyse the market and act on the strategy. Call check_risk before any execute_trade.",
+    ]
+    return "\n".join(lines)
+
+
+def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, clock: Any, mode: str, log: Any) -> int:
+    import safety
+    import tools
+    from brain import ClaudeBrain, RulesBrain, run_tool_loop
+    from tool_executor import ToolGate, close_all, risk_state
+
+    ctx = make_context(settings, run, broker, source, clock, dry_run=mode == "dry_run")
+    journal = run.journal
+    status = ctx.market_status()
+    if not status.is_continuous:  # the broker disagreed with the calendar: be conservative
+        journal.finish_cycle(run.cycle_id, status="skipped", finished_at=clock(), summary=status.description)
+        log.info("market_closed", status=status.description)
+        return EXIT_OK
+    today = ctx.trading_date
+    account = ctx.view.account()
+    journal.record_equity_snapshot(today, "start_of_day", account.equity, account.cash, clock())
+    journal.record_equity_snapshot(today, "cycle", account.equity, account.cash, clock())
+    unresolved = reconcile_orders(ctx, log)
+    if unresolved:
+        ctx.halt_reason = f"{len(unresolved)} order(s) with unknown fate: {', '.join(unresolved)}"
+        run.alerter.send("Unresolved orders block entries", ctx.halt_reason, priority="high", event="order_unknown")
+    kill = kill_switch_reason(settings, journal)
+    if kill:
+        ctx.halt_reason = kill
+    state = risk_state(ctx, None)
+    mode_now = safety.risk_mode(state, settings.risk)
+    pnl = safety.daily_pnl_pct(state)
+    log.info(
+        "context_built",
+        market=status.description,
+        equity=str(account.equity),
+        cash=str(account.cash),
+        positions=len(ctx.view.positions()),
+        daily_pnl_pct=round(pnl * 100, 2) if pnl is not None else None,
+        risk_mode=mode_now,
+        halt=ctx.halt_reason,
+    )
+    if mode_now == "halted":
+        return halt_for_daily_loss(ctx, run, pnl or 0.0, log, close_all)
+    if kill:
+        journal.finish_cycle(run.cycle_id, status="halted", finished_at=clock(), summary=kill)
+        log.warning("kill_switch", reason=kill)
+        return EXIT_HALTED
+    if mode_now == "warning" and journal.get_flag(f"warning_alert:{today}") is None:
+        journal.set_flag(f"warning_alert:{today}", f"{pnl:.4f}", "agent")
+        run.alerter.send(
+            "Daily loss warning",
+            f"Daily P&L {pnl:.2%} is past the -{settings.risk.warning_loss_pct:.1%} warning level; position cap halved.",
+            priority="high",
+            event="daily_loss_warning",
+        )
+    if settings.agent.brain == "claude":
+        brain = ClaudeBrain(settings, secrets.anthropic_api_key, tools.TOOLS)
+    else:
+        brain = RulesBrain(settings.risk, scan_limit=settings.agent.scan_limit)
+    gate = ToolGate(ctx)
+    first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason)
+    start_of_day = datetime.combine(today, datetime.min.time(), tzinfo=HKT)
+    result = run_tool_loop(
+        brain,
+        gate,
+        first_message,
+        settings.claude,
+        cost_before_today=journal.cost_usd_since(start_of_day),
+        on_turn=lambda i, turn: log.info(
+            "model_turn",
+            iteration=i,
+            stop_reason=turn.stop_reason,
+            tool_calls=sum(1 for b in turn.content if b.get("type") == "tool_use"),
+            input_tokens=turn.usage.input_tokens,
+            cache_read=turn.usage.cache_read_tokens,
+            cache_write=turn.usage.cache_write_tokens,
+            output_tokens=turn.usage.output_tokens,
+        ),
+    )
+    if result.stopped_by.startswith("budget") and journal.get_flag(f"budget_alert:{today}") is None:
+        journal.set_flag(f"budget_alert:{today}", result.stopped_by, "agent")
+        run.alerter.send("Cycle budget reached", result.stopped_by, event="budget")
+    summary = (result.final_text or "").strip()[:1500]
+    if result.stopped_by != "end_turn":
+        summary = f"[stopped: {result.stopped_by}] {summary}"
+    u = result.usage
+    journal.finish_cycle(
+        run.cycle_id,
+        status="ok",
+        finished_at=clock(),
+        summary=summary,
+        iterations=result.iterations,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_read_tokens=u.cache_read_tokens,
+        cache_write_tokens=u.cache_write_tokens,
+        cost_usd=result.cost_usd,
+    )
+    log.info(
+        "cycle_finished",
+        iterations=result.iterations,
+        tool_calls=result.tool_calls,
+        orders=len(ctx.orders_placed),
+        stopped_by=result.stopped_by,
+        cost_usd=round(result.cost_usd, 4),
+        summary=summary,
+    )
+    return EXIT_OK
+
+
+def halt_for_daily_loss(ctx: Any, run: Run, pnl: float, log: Any, close_all: Any) -> int:
+    """Rule 14: past the daily loss limit, code (not the model) closes everything once, alerts, and exits 4."""
+    settings, journal, today = ctx.settings, ctx.journal, ctx.trading_date
+    reason = f"daily loss {pnl:.2%} past the -{settings.risk.max_daily_loss_pct:.1%} limit"
+    flag = f"daily_loss_close:{today}"
+    closed: list[Any] = []
+    if journal.get_flag(flag) is None or ctx.view.positions():
+        closed = close_all(ctx, reason)
+        journal.set_flag(flag, reason, "agent")
+        run.alerter.send(
+            "Daily loss limit: all positions closed",
+            f"{reason}. Closed {len(closed)} position(s); entries are blocked for the rest of the day.",
+            priority="high",
+            event="daily_loss_limit",
+        )
+    summary = f"halted: {reason}; closed {len(closed)} position(s)"
+    journal.finish_cycle(run.cycle_id, status="halted", finished_at=ctx.clock(), summary=summary)
+    log.warning("daily_loss_halt", reason=reason, closed=len(closed))
+    return EXIT_HALTED
+
+
+# ------------------------------------------------------------------------------------------------ guard
+
+
+def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log: Any) -> int:
+    """No model: reconcile, enforce stops / take-profits / time stops / the daily loss limit, exit."""
+    from decimal import Decimal
+
+    import safety
+    from tool_executor import close_all, close_position, risk_state
+
+    ctx = make_context(settings, run, broker, source, clock, dry_run=False)
+    journal = run.journal
+    status = ctx.market_status()
+    unresolved = reconcile_orders(ctx, log)
+    positions = ctx.view.positions()
+    stops = journal.protective_stops()
+    adopted = []
+    for symbol, position in positions.items():
+        if symbol not in stops:
+            stop = position.avg_cost * (1 - Decimal(str(settings.risk.default_stop_pct)))
+            journal.upsert_protective_stop(
+                symbol, quantity=position.quantity, entry_price=position.avg_cost, stop_loss=stop.quantize(Decimal("0.001")),
+                take_profit=None, source="adopted", cycle_id=run.cycle_id,
+            )  # fmt: skip
+            adopted.append(symbol)
+    if adopted:
+        run.alerter.send(
+            "Positions adopted with a default stop",
+            f"The journal did not know {', '.join(adopted)}; each now has a {settings.risk.default_stop_pct:.0%} stop.",
+            priority="high",
+            event="reconciliation_mismatch",
+        )
+    for symbol in set(stops) - set(positions):
+        journal.delete_protective_stop(symbol)
+    if not status.is_continuous:
+        summary = f"nothing to enforce: {status.description}"
+        journal.finish_cycle(run.cycle_id, status="ok", finished_at=clock(), summary=summary)
+        log.info("guard_finished", summary=summary)
+        return EXIT_OK
+    stops = journal.protective_stops()
+    state = risk_state(ctx, None)
+    if safety.risk_mode(state, settings.risk) == "halted":
+        return halt_for_daily_loss(ctx, run, safety.daily_pnl_pct(state) or 0.0, log, close_all)
+    quotes = {q.symbol: q for q in ctx.market.quotes(list(positions))} if positions else {}
+    exits = safety.guard_exits(positions, stops, quotes, status, settings.risk)
+    actions = []
+    for symbol, reason in exits:
+        try:
+            order = close_position(ctx, symbol, reason)
+            actions.append(f"{symbol}: {reason} -> {order.status.value}")
+        except Exception as exc:
+            actions.append(f"{symbol}: {reason} -> FAILED {exc}")
+            log.error("guard_close_failed", symbol=symbol, error=str(exc))
+    if actions:
+        run.alerter.send("Guard closed positions", "\n".join(actions), event="guard_action")
+    summary = f"{len(positions)} position(s) checked; " + ("; ".join(actions) if actions else "no action")
+    if unresolved:
+        summary += f"; unresolved orders: {', '.join(unresolved)}"
+    journal.finish_cycle(run.cycle_id, status="ok", finished_at=clock(), summary=summary)
+    log.info("guard_finished", summary=summary)
+    return EXIT_OK
+
+
+def fail(exc: Exception, run: Run) -> int:
+    """One ``run_failed`` line, the cycle marked ``error``, an alert attempted, a distinct exit code."""
+    from config.errors import AgentError
+
+    code = exc.exit_code if isinstance(exc, AgentError) else EXIT_ERROR
+    message = f"{type(exc).__name__}: {exc}"
+    try:
+        import structlog
+
+        structlog.get_logger("agent").error(
+            "run_failed",
+            error_class=type(exc).__name__,
+            error=str(exc),
+            traceback=traceback.format_exc(),
+            exit_code=code,
+        )
+    except Exception:  # logging itself broke: still say something
+        print(f"run_failed: {message}", file=sys.stderr)
+    if run.journal is not None and run.cycle_id is not None:
+        try:
+            from datetime import datetime as _dt
+
+            run.journal.finish_cycle(
+                run.cycle_id,
+                status="halted" if code == EXIT_HALTED else "error",
+                finished_at=_dt.now(HKT),
+                error=message[:2000],
+                summary="failed" if code != EXIT_HALTED else str(exc)[:500],
+            )
+        except Exception as journal_exc:
+            print(f"could not journal the failure: {journal_exc}", file=sys.stderr)
+    if run.alerter is not None and code not in (EXIT_LOCKED,):
+        try:
+            run.alerter.send(
+                "Cycle failed" if code != EXIT_HALTED else "Trading halted",
+                message,
+                priority="high",
+                event="cycle_error",
+            )
+        except Exception:
+            pass  # an alert failure never hides the original error
+    if os.environ.get("CATALYST_RAISE") == "1":
+        raise exc
+    if code == EXIT_ERROR:
+        print(f"error: {message}", file=sys.stderr)
+    else:
+        print(f"{message}", file=sys.stderr)
+    return code
+
+
+def close_run(run: Run) -> None:
+    for closer in (getattr(run.broker, "close", None),):
+        if closer is not None:
+            try:
+                closer()
+            except Exception:
+                pass
+    if run.journal is not None:
+        try:
+            run.journal.close()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
