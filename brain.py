@@ -306,7 +306,9 @@ def entry_criteria_failure(quote: Any, tech: Any, pats: Any, news: Any) -> str |
     """The owner's entry criteria; returns why not, or None when every one holds."""
     if not isinstance(quote, dict) or "error" in quote or not isinstance(tech, dict) or "error" in tech:
         return "no quote or technicals"
-    volume_ratio = _num(tech, "volume_ratio") or _num(quote, "volume_ratio")
+    # The quote's ratio compares today's pace with the recent average at the same time of day, so it is
+    # meaningful at 09:45; the daily-bar ratio only becomes comparable near the close.
+    volume_ratio = _num(quote, "volume_ratio") or _num(tech, "volume_ratio")
     if volume_ratio is None or volume_ratio <= 1.5:
         return f"volume ratio {volume_ratio} not > 1.5"
     rsi = _num(tech, "rsi_14", "rsi")

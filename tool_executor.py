@@ -512,6 +512,6 @@ class ToolGate:
                 return ToolOutcome(result, is_error=True, allowed=False, reason=verdict.reason)
             method = getattr(self.executor, spec.name)
             result = method(args, verdict) if spec.kind != "read" else method(args)
-            return ToolOutcome(result, is_error=False, allowed=True, reason=verdict.reason if verdict else "read")
+            return ToolOutcome(result, is_error=False, allowed=True, reason=verdict.reason if verdict else "allowed")
         except (UnknownSymbol, OrderRejected, BrokerTemporaryError, OrderStateUnknown, ValueError) as exc:
             return ToolOutcome({"error": str(exc)}, is_error=True, allowed=True, reason=f"failed: {type(exc).__name__}")

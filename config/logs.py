@@ -18,7 +18,7 @@ import structlog
 
 HKT = ZoneInfo("Asia/Hong_Kong")
 REDACTED = "REDACTED"
-_SECRET_KEYS = re.compile(r"(pass(word|wd)?|secret|api_?key|token|authorization|pwd|dsn)$", re.IGNORECASE)
+_SECRET_KEYS = re.compile(r"(pass(word|wd)?|secret|api_?key|token|authorization|pwd)$", re.IGNORECASE)
 _SECRET_VALUES = (
     (re.compile(r"sk-ant-[A-Za-z0-9_\-]+"), REDACTED),
     (re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@"), r"\1" + REDACTED + "@"),
@@ -98,7 +98,7 @@ def configure_logging(log_dir: Path | None, now: datetime, *, verbose: bool = Fa
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    for noisy in ("httpx", "httpcore", "anthropic", "futu", "urllib3"):
+    for noisy in ("httpx", "httpcore", "anthropic", "futu", "urllib3", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

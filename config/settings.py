@@ -67,8 +67,8 @@ class BrokerSettings(_Section):
 class RiskSettings(_Section):
     max_positions: PositiveInt = 5
     max_position_pct: Fraction = 0.20
+    warning_loss_pct: Fraction = 0.015  # before max_daily_loss_pct: its validator compares the two
     max_daily_loss_pct: Fraction = 0.02
-    warning_loss_pct: Fraction = 0.015
     max_daily_trades: PositiveInt = 10
     min_risk_reward: Annotated[float, Field(ge=0.5, le=20)] = 2.0
     max_stop_pct: Fraction = 0.10

@@ -1,0 +1,125 @@
+"""The Claude loop end to end: the real anthropic SDK in a real ``agent.py`` process against the local
+Messages API server, the sim exchange and a real journal."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from brokers.sim import SimExchange
+from data.database import Journal
+from tests.agent_runner import IN_SESSION, run_agent
+from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
+
+
+def market_at(now: str) -> SimExchange:
+    """The same deterministic market the agent sees (same seed, same clock), read-only."""
+    moment = datetime.fromisoformat(now)
+    return SimExchange(seed=42, clock=lambda: moment, state_file=None, starting_cash=Decimal(1_000_000))
+
+
+@pytest.fixture
+def fake_api() -> FakeMessagesAPI:
+    with FakeMessagesAPI() as api:
+        yield api
+
+
+def test_claude_loop_journals_every_call_with_its_verdict(
+    project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, settings_file: Path
+) -> None:
+    q = market_at(IN_SESSION).quote("HK.00700")
+    entry = q.ask_price or q.last_price
+    stop, target = (entry * Decimal("0.97")).quantize(Decimal("0.1")), (entry * Decimal("1.08")).quantize(Decimal("0.1"))
+    trade = {"symbol": "700", "side": "buy", "quantity": 100}
+    fake_api.enqueue(
+        message([text("Looking at the account."), tool_use("get_portfolio", {}, id="t1")]),
+        message(
+            [
+                tool_use("check_risk", {**trade, "entry_price": float(entry), "stop_loss": float(stop),
+                                        "take_profit": float(target)}, id="t2"),
+                # Blocked by safety: no check_risk approved this one.
+                tool_use("execute_trade", {"symbol": "9988", "side": "buy", "quantity": 100, "limit_price": 100,
+                                           "stop_loss": 95, "take_profit": 120}, id="t3"),
+                # Invalid input: a plain string, not an object.
+                tool_use("get_quote", "HK.00700", id="t4"),
+            ]
+        ),  # fmt: skip
+        message(
+            [
+                tool_use("execute_trade", {**trade, "order_type": "limit", "limit_price": float(entry),
+                                           "stop_loss": float(stop), "take_profit": float(target)}, id="t5"),
+            ]
+        ),  # fmt: skip
+        message([text("Bought 100 HK.00700 with a stop; done.")]),
+    )
+    env = {**project_env, **fake_api.env()}
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", IN_SESSION, env=env)
+    assert run.returncode == 0, run.output
+
+    # What the Messages API received: the static prefix, and one tool_result per tool_use with is_error.
+    requests = fake_api.message_requests
+    assert len(requests) == 4
+    first = requests[0].body
+    assert first["model"] == "claude-sonnet-5-5"
+    assert first["tools"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert first["system"][0]["cache_control"] == {"type": "ephemeral"}
+    assert "Trading cycle" in first["messages"][0]["content"]
+    results = {r.tool_use_id: r for r in fake_api.tool_results(2)}
+    assert results["t2"].is_error is False and results["t2"].content["approved"] is True
+    assert results["t3"].is_error is True and "check_risk_first" in str(results["t3"].content)
+    assert results["t4"].is_error is True and "must be a JSON object" in results["t4"].content["error"]
+    (placed,) = fake_api.tool_results(3)
+    assert placed.is_error is False and placed.content["status"] == "filled", placed.content
+
+    # What the journal holds.
+    (cycle,) = journal.cycles_on(date(2026, 11, 20))
+    assert (cycle.status, cycle.brain, cycle.model, cycle.iterations) == ("ok", "claude", "claude-sonnet-5-5", 4)
+    assert cycle.output_tokens > 0 and cycle.cache_write_tokens > 0 and cycle.cache_read_tokens > 0
+    usage = fake_api.total_usage()  # what the server reported, summed over the four calls
+    assert (cycle.input_tokens, cycle.output_tokens) == (usage["input_tokens"], usage["output_tokens"])
+    assert (cycle.cache_read_tokens, cycle.cache_write_tokens) == (
+        usage["cache_read_input_tokens"],
+        usage["cache_creation_input_tokens"],
+    )
+    expected_cost = (
+        usage["input_tokens"] * 3.0
+        + usage["output_tokens"] * 15.0
+        + usage["cache_read_input_tokens"] * 0.30
+        + usage["cache_creation_input_tokens"] * 3.75
+    ) / 1_000_000
+    assert float(cycle.cost_usd) == pytest.approx(expected_cost, rel=1e-9)
+    assert "Bought 100 HK.00700" in (cycle.summary or "")
+    calls = journal.tool_calls(cycle.id)
+    assert [(c.name, c.allowed, c.is_error) for c in calls] == [
+        ("get_portfolio", True, False),
+        ("check_risk", True, False),
+        ("execute_trade", False, True),
+        ("get_quote", False, True),
+        ("execute_trade", True, False),
+    ]
+    assert "check_risk_first" in (calls[2].reason or "")
+    assert calls[3].input == "HK.00700" and calls[3].reason == "invalid input"
+    (order,) = journal.orders_on(date(2026, 11, 20))
+    assert (order.symbol, order.side, order.quantity, order.status) == ("HK.00700", "buy", 100, "filled")
+    assert order.client_order_id.startswith("CI-20261120-")
+    stops = journal.protective_stops()
+    assert stops["HK.00700"].stop_loss == stop and stops["HK.00700"].take_profit == target
+
+    # The order really reached the simulated exchange (the state file is the exchange's book).
+    book = market_at(IN_SESSION)
+    assert book.quote("HK.00700")  # the market itself is unchanged by reading it
+
+
+def test_model_api_failure_marks_the_cycle_error(
+    project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI
+) -> None:
+    fake_api.enqueue_error(400, "invalid_request_error", "model: not a model id")
+    env = {**project_env, **fake_api.env()}
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", IN_SESSION, env=env)
+    assert run.returncode == 1, run.output
+    assert "run_failed" in run.output and "not a model id" in run.output
+    (cycle,) = journal.cycles_on(date(2026, 11, 20))
+    assert cycle.status == "error" and "ModelAPIError" in (cycle.error or "")
