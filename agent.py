@@ -9,6 +9,7 @@ and exits with a code that says what happened (DESIGN.md §2). Heavy libraries a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -250,10 +251,9 @@ def open_and_run(
 
 
 def make_context(settings: Any, run: Run, broker: Any, source: Any, clock: Any, dry_run: bool) -> Any:
-    from data.news import NewsService
-
     from data.database import PgKlineCache
     from data.market import MarketService, market_status
+    from data.news import NewsService
     from tool_executor import CycleContext
 
     market = MarketService(source, clock, kline_cache=PgKlineCache(run.journal))
@@ -325,7 +325,7 @@ def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str 
     trades_today = ctx.journal.count_trades_on(ctx.trading_date)
     r = ctx.settings.risk
     lines = [
-        f"# Trading cycle {ctx.run_id[:12]} ({'DRY RUN: orders are journalled, not sent' if ctx.dry_run else 'live orders'})",
+        f"# Trading cycle {ctx.run_id[:12]} ({'DRY RUN: orders are journalled, not sent' if ctx.dry_run else 'live'})",
         f"Time: {ctx.clock():%Y-%m-%d %H:%M} HKT ({ctx.clock():%A})",
         f"Market: {status.description}",
         f"Risk mode: {risk_mode}"
@@ -387,7 +387,8 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
         journal.set_flag(f"warning_alert:{today}", f"{pnl:.4f}", "agent")
         run.alerter.send(
             "Daily loss warning",
-            f"Daily P&L {pnl:.2%} is past the -{settings.risk.warning_loss_pct:.1%} warning level; position cap halved.",
+            f"Daily P&L {pnl:.2%} is past the -{settings.risk.warning_loss_pct:.1%} warning level; "
+            "position cap halved.",
             priority="high",
             event="daily_loss_warning",
         )
@@ -488,9 +489,14 @@ def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log
         if symbol not in stops:
             stop = position.avg_cost * (1 - Decimal(str(settings.risk.default_stop_pct)))
             journal.upsert_protective_stop(
-                symbol, quantity=position.quantity, entry_price=position.avg_cost, stop_loss=stop.quantize(Decimal("0.001")),
-                take_profit=None, source="adopted", cycle_id=run.cycle_id,
-            )  # fmt: skip
+                symbol,
+                quantity=position.quantity,
+                entry_price=position.avg_cost,
+                stop_loss=stop.quantize(Decimal("0.001")),
+                take_profit=None,
+                source="adopted",
+                cycle_id=run.cycle_id,
+            )
             adopted.append(symbol)
     if adopted:
         run.alerter.send(
@@ -562,15 +568,13 @@ def fail(exc: Exception, run: Run) -> int:
         except Exception as journal_exc:
             print(f"could not journal the failure: {journal_exc}", file=sys.stderr)
     if run.alerter is not None and code not in (EXIT_LOCKED,):
-        try:
+        with contextlib.suppress(Exception):  # an alert failure never hides the original error
             run.alerter.send(
                 "Cycle failed" if code != EXIT_HALTED else "Trading halted",
                 message,
                 priority="high",
                 event="cycle_error",
             )
-        except Exception:
-            pass  # an alert failure never hides the original error
     if os.environ.get("CATALYST_RAISE") == "1":
         raise exc
     if code == EXIT_ERROR:
@@ -581,17 +585,11 @@ def fail(exc: Exception, run: Run) -> int:
 
 
 def close_run(run: Run) -> None:
-    for closer in (getattr(run.broker, "close", None),):
-        if closer is not None:
-            try:
-                closer()
-            except Exception:
-                pass
-    if run.journal is not None:
-        try:
-            run.journal.close()
-        except Exception:
-            pass
+    """Disconnect the broker and close the journal (which releases the account lock), whatever happened."""
+    for resource in (run.broker, run.journal):
+        if resource is not None:
+            with contextlib.suppress(Exception):
+                resource.close()
 
 
 if __name__ == "__main__":

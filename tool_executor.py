@@ -14,7 +14,6 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
-from data.news import NewsService
 
 import safety
 import tools
@@ -24,6 +23,7 @@ from config.settings import Settings
 from data.alerts import Alerter
 from data.database import Journal, OrderIntent
 from data.market import MarketService, MarketStatus, UnknownSymbol
+from data.news import NewsService
 
 log = structlog.get_logger(__name__)
 

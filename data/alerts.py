@@ -1,4 +1,6 @@
-"""Alerts: e-mail through SMTP (STARTTLS), every attempt journalled in ``alerts``. A failed send never breaks a cycle."""
+"""Alerts: e-mail through SMTP (STARTTLS), every attempt journalled in ``alerts``.
+
+A failed send never breaks a cycle."""
 
 from __future__ import annotations
 

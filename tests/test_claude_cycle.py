@@ -32,27 +32,26 @@ def test_claude_loop_journals_every_call_with_its_verdict(
 ) -> None:
     q = market_at(IN_SESSION).quote("HK.00700")
     entry = q.ask_price or q.last_price
-    stop, target = (entry * Decimal("0.97")).quantize(Decimal("0.1")), (entry * Decimal("1.08")).quantize(Decimal("0.1"))
+    stop, target = (
+        (entry * Decimal("0.97")).quantize(Decimal("0.1")),
+        (entry * Decimal("1.08")).quantize(Decimal("0.1")),
+    )
     trade = {"symbol": "700", "side": "buy", "quantity": 100}
+    prices = {"entry_price": float(entry), "stop_loss": float(stop), "take_profit": float(target)}
+    order = {"order_type": "limit", "limit_price": float(entry), "stop_loss": float(stop), "take_profit": float(target)}
+    other = {"symbol": "9988", "side": "buy", "quantity": 100}
     fake_api.enqueue(
         message([text("Looking at the account."), tool_use("get_portfolio", {}, id="t1")]),
         message(
             [
-                tool_use("check_risk", {**trade, "entry_price": float(entry), "stop_loss": float(stop),
-                                        "take_profit": float(target)}, id="t2"),
+                tool_use("check_risk", {**trade, **prices}, id="t2"),
                 # Blocked by safety: no check_risk approved this one.
-                tool_use("execute_trade", {"symbol": "9988", "side": "buy", "quantity": 100, "limit_price": 100,
-                                           "stop_loss": 95, "take_profit": 120}, id="t3"),
+                tool_use("execute_trade", {**other, "limit_price": 100, "stop_loss": 95, "take_profit": 120}, id="t3"),
                 # Invalid input: a plain string, not an object.
                 tool_use("get_quote", "HK.00700", id="t4"),
             ]
-        ),  # fmt: skip
-        message(
-            [
-                tool_use("execute_trade", {**trade, "order_type": "limit", "limit_price": float(entry),
-                                           "stop_loss": float(stop), "take_profit": float(target)}, id="t5"),
-            ]
-        ),  # fmt: skip
+        ),
+        message([tool_use("execute_trade", {**trade, **order}, id="t5")]),
         message([text("Bought 100 HK.00700 with a stop; done.")]),
     )
     env = {**project_env, **fake_api.env()}
