@@ -59,8 +59,16 @@ def test_symbols_are_accepted_in_every_common_form(written: str) -> None:
         ("get_quote", {"symbol": "AAPL"}, r"symbol: Value error, Symbol 'AAPL' is not a Hong Kong"),
         ("check_risk", {"symbol": "700", "side": "short", "quantity": 100, "entry_price": 1, "stop_loss": 1}, "side"),
         ("check_risk", {"symbol": "700", "side": "buy", "quantity": 0, "entry_price": 1, "stop_loss": 1}, "quantity"),
-        ("check_risk", {"symbol": "700", "side": "buy", "quantity": -100, "entry_price": 1, "stop_loss": 1}, "quantity"),
-        ("check_risk", {"symbol": "700", "side": "buy", "quantity": 100, "entry_price": -5, "stop_loss": 1}, "entry_price"),
+        (
+            "check_risk",
+            {"symbol": "700", "side": "buy", "quantity": -100, "entry_price": 1, "stop_loss": 1},
+            "quantity",
+        ),
+        (
+            "check_risk",
+            {"symbol": "700", "side": "buy", "quantity": 100, "entry_price": -5, "stop_loss": 1},
+            "entry_price",
+        ),
         ("log_decision", {"decision": "buy", "reasoning": "x", "confidence": 7}, r"confidence: Input should be less"),
         ("get_portfolio", {"extra": 1}, r"extra: Extra inputs are not permitted"),  # typos fail loudly
     ],
