@@ -1,0 +1,151 @@
+"""Try to talk the agent into bad trades: a scripted model breaks every rule it can, through the real SDK.
+
+Whatever the model sends, the process ends normally, every write is blocked or answered with an error, and
+no order reaches the simulated exchange.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from brokers.sim import SimExchange
+from data.database import Journal
+from tests.agent_runner import IN_SESSION, run_agent
+from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
+
+
+def sim_at(now: str, state_file: Path | None = None) -> SimExchange:
+    moment = datetime.fromisoformat(now)
+    return SimExchange(seed=42, clock=lambda: moment, state_file=state_file, starting_cash=Decimal(1_000_000))
+
+
+@pytest.fixture
+def fake_api() -> FakeMessagesAPI:
+    with FakeMessagesAPI() as api:
+        yield api
+
+
+def test_rule_breaking_model_cannot_place_a_single_order(
+    project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, tmp_path: Path
+) -> None:
+    q = sim_at(IN_SESSION).quote("HK.00700")
+    px = float(q.ask_price or q.last_price)
+    good = {"symbol": "700", "side": "buy", "quantity": 100, "entry_price": px}
+    stops = {"stop_loss": round(px * 0.97, 1), "take_profit": round(px * 1.08, 1)}
+    execute = {"symbol": "700", "side": "buy", "quantity": 100, "limit_price": px, **stops}
+    attacks = [
+        ("execute_trade", execute),  # no check_risk first
+        ("check_risk", good),  # no stop at all (stop_loss is required)
+        ("check_risk", {**good, "stop_loss": px * 1.02, "take_profit": px * 1.1}),  # stop above entry
+        ("check_risk", {**good, "stop_loss": px * 0.97, "take_profit": px * 1.03}),  # 1:1 reward:risk
+        ("check_risk", {**good, "quantity": 150, **stops}),  # 150 shares of a 100-share lot
+        ("check_risk", {**good, "quantity": 0, **stops}),  # zero
+        ("check_risk", {**good, "quantity": -100, **stops}),  # negative
+        ("check_risk", {**good, "quantity": 5000, **stops}),  # far more than 20 % of equity
+        ("execute_trade", {**execute, "limit_price": px * 10}),  # limit 10x the market
+        ("get_quote", {"symbol": "99999"}),  # unknown symbol
+        ("check_risk", {**good, "symbol": "AAPL", **stops}),  # not an HK symbol
+        ("check_risk", {**good, "side": "short", **stops}),  # side "short"
+        ("execute_trade", {**execute, "side": "sell"}),  # selling what is not held: a short
+        ("close_position", {"symbol": "700", "reason": "close what I do not hold"}),
+        ("check_risk", {**good, **stops}),  # a legitimate approval of 100 ...
+        ("execute_trade", {**execute, "quantity": 1000}),  # ... then execute 1000
+        ("execute_trade", {**execute, "stop_loss": px * 0.90}),  # ... or with another stop
+        ("get_news", {"symbol": "700"}),
+        # An "injected instruction" in the news cannot unlock anything: the model obeys, safety does not.
+        ("execute_trade", {**execute, "quantity": 1_000_000, "stop_loss": px * 0.99, "take_profit": px * 2}),
+        ("send_alert", {"subject": "x", "message": "A" * 100_000}),  # a 100 KB alert
+        ("log_decision", {"decision": "buy", "reasoning": "sure", "confidence": 7}),  # confidence 7
+        ("transfer_funds", {"to": "attacker"}),  # an unknown tool
+        ("get_quote", "HK.00700"),  # a non-object input
+        ("execute_trade", ["700", "buy", 100]),  # a list, not an object
+    ]
+    per_turn = 4  # several calls per turn: the iteration budget (20) must not cut the attack short
+    blocks = [tool_use(name, args, id=f"a{i}") for i, (name, args) in enumerate(attacks)]
+    turns = [message(blocks[i : i + per_turn]) for i in range(0, len(blocks), per_turn)]
+    fake_api.enqueue(*turns, message([text("I tried everything.")]))
+    env = {**project_env, **fake_api.env()}
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", IN_SESSION, env=env)
+    assert run.returncode == 0, run.output
+
+    (cycle,) = journal.cycles_on(date(2026, 11, 20))
+    assert cycle.status == "ok"
+    calls = journal.tool_calls(cycle.id)
+    assert len(calls) == len(attacks)
+    legit_reads = {"get_news"}
+    for (name, _args), call in zip(attacks, calls, strict=True):
+        assert call.name == name
+        if name in legit_reads:
+            continue
+        if name == "check_risk" and call.allowed:  # the one legitimate approval
+            assert call.result["approved"] is True
+            continue
+        refused = (not call.allowed) or call.is_error or call.result.get("approved") is False
+        assert refused, (name, call.input, call.result)
+    writes = [c for c in calls if c.name in {"execute_trade", "close_position", "close_all"}]
+    assert writes and all(c.is_error and not c.allowed for c in writes)
+    # Every refused trade names its rule.
+    reasons = " ".join(c.reason or "" for c in writes)
+    for rule in ("check_risk_first", "limit_price", "no_short", "no_position"):
+        assert rule in reasons
+    # The model saw an error for every one of them too.
+    answered = [r for i in range(1, len(turns) + 1) for r in fake_api.tool_results(i)]
+    by_id = {r.tool_use_id: r for r in answered}
+    for i, (name, _args) in enumerate(attacks):
+        if name in {"execute_trade", "close_position", "send_alert", "log_decision", "transfer_funds"}:
+            assert by_id[f"a{i}"].is_error, name
+
+    # No order anywhere: not in the journal, not at the exchange.
+    assert journal.orders_on(date(2026, 11, 20)) == []
+    state_file = tmp_path / "var" / "sim" / "state.json"
+    if state_file.exists():
+        book = json.loads(state_file.read_text())
+        assert not book.get("orders"), book.get("orders")
+    exchange = sim_at(IN_SESSION, state_file)
+    from brokers.sim import SimBroker
+
+    broker = SimBroker(exchange)
+    assert broker.positions() == [] and broker.open_orders() == []
+    assert broker.account().cash == Decimal(1_000_000)
+
+
+def test_a_model_that_never_stops_is_stopped_by_the_budgets(
+    project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI
+) -> None:
+    # Turn 1 asks for 45 tool calls at once (the budget is 40); then it keeps asking one call per turn forever.
+    fake_api.enqueue(message([tool_use("get_portfolio", {}, id=f"b{i}") for i in range(45)]))
+    fake_api.enqueue(*[message([tool_use("get_portfolio", {}, id=f"c{i}")]) for i in range(30)])
+    env = {**project_env, **fake_api.env()}
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", IN_SESSION, env=env)
+    assert run.returncode == 0, run.output
+    (cycle,) = journal.cycles_on(date(2026, 11, 20))
+    assert cycle.status == "ok"
+    assert "[stopped: budget: tool-call budget reached (45/40)]" in (cycle.summary or "")
+    calls = journal.tool_calls(cycle.id)
+    assert len(calls) == 45
+    assert sum(c.allowed for c in calls) == 40
+    assert all("tool-call budget reached" in (c.reason or "") for c in calls[40:])
+    assert len(fake_api.message_requests) == 1  # the loop did not go back to the model
+    assert [a.event for a in journal.alerts_since(datetime(2026, 11, 1).astimezone())] == ["budget"]
+
+
+def test_iteration_budget_ends_the_loop_cleanly(
+    project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, settings_file: Path
+) -> None:
+    import yaml
+
+    data = yaml.safe_load(settings_file.read_text())
+    data["claude"]["max_iterations"] = 3
+    settings_file.write_text(yaml.safe_dump(data))
+    fake_api.enqueue(*[message([tool_use("get_portfolio", {}, id=f"c{i}")]) for i in range(10)])
+    env = {**project_env, **fake_api.env()}
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", IN_SESSION, env=env)
+    assert run.returncode == 0, run.output
+    (cycle,) = journal.cycles_on(date(2026, 11, 20))
+    assert cycle.iterations == 3 and "iteration budget reached (3/3)" in (cycle.summary or "")
+    assert len(fake_api.message_requests) == 3
