@@ -212,6 +212,8 @@ def open_and_run(
     from data.database import Journal
     from data.market import market_status
 
+    # An alerter before the journal, so "the journal is down" can itself be alerted.
+    run.alerter = Alerter(settings.alerts, secrets.smtp_password, None)
     run.journal = Journal.open(settings, secrets)
     run.alerter = Alerter(settings.alerts, secrets.smtp_password, run.journal)
     brain_name = "none" if mode == "guard" else settings.agent.brain
@@ -252,11 +254,14 @@ def open_and_run(
 
 def make_context(settings: Any, run: Run, broker: Any, source: Any, clock: Any, dry_run: bool) -> Any:
     from data.database import PgKlineCache
-    from data.market import MarketService, market_status
+    from data.market import MarketService, MemoryKlineCache, market_status
     from data.news import NewsService
     from tool_executor import CycleContext
 
-    market = MarketService(source, clock, kline_cache=PgKlineCache(run.journal))
+    # Real K-lines are cached in PostgreSQL (Futu's history quota counts stocks per 30 days). The sim's
+    # bars depend on its seed, so they are never persisted: a changed seed must not meet stale bars.
+    cache = PgKlineCache(run.journal) if settings.broker.name == "futu" else MemoryKlineCache()
+    market = MarketService(source, clock, kline_cache=cache)
     return CycleContext(
         settings=settings,
         clock=clock,

@@ -42,10 +42,12 @@ def test_dry_run_cycle_with_rules_brain_journals_every_call(project_env: dict[st
     assert names[-1] == "log_decision"
     assert [c.seq for c in calls] == list(range(1, len(calls) + 1))
     assert all(c.reason for c in calls)
-    # Whatever the rules decided, a dry run sends nothing: every order row is dry_run.
+    # At 10:15 on this seed the momentum rules fire; a dry run sends nothing: every order row is dry_run.
     orders = journal.orders_on(cycle.trading_date)
-    assert all(o.status == "dry_run" for o in orders)
+    assert orders and all(o.status == "dry_run" for o in orders)
     assert len(orders) == names.count("execute_trade")
+    assert all(c.allowed for c in calls if c.name in ("check_risk", "execute_trade") and c.seq == calls[-2].seq)
+    assert "order_dry_run" in run.output
     # The readable account on the console.
     assert "context_built" in run.output and "cycle_finished" in run.output
 
