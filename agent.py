@@ -183,6 +183,8 @@ def execute(args: argparse.Namespace, run: Run) -> int:
 
 def build_sources(settings: Any, secrets: Any, clock: Any, live: bool) -> tuple[Any, Any]:
     """(broker, market data source) for the configured broker: the one place that chooses."""
+    from decimal import Decimal
+
     if settings.broker.name == "sim":
         from brokers.sim import SimBroker, SimExchange
 
@@ -198,8 +200,16 @@ def build_sources(settings: Any, secrets: Any, clock: Any, live: bool) -> tuple[
         return SimBroker(exchange), exchange
     from brokers.futu import FutuClient
 
-    client = FutuClient(settings.broker.futu, clock=clock, live_confirmed=live, trade_password=secrets.futu_trade_pwd)
-    client.connect()
+    futu = settings.broker.futu
+    # The trade password is only handed over for a confirmed REAL run: paper trading never unlocks.
+    client = FutuClient(
+        futu,
+        trade_password=secrets.futu_trade_pwd if (live and futu.trd_env == "REAL") else None,
+        live_confirmed=live,
+        commission_pct=Decimal(str(futu.commission_pct)),
+        min_commission_hkd=futu.min_commission_hkd,
+        clock=clock,
+    )
     return client, client
 
 

@@ -390,7 +390,7 @@ def portfolio_summary(ctx: CycleContext) -> dict[str, Any]:
 def risk_state(ctx: CycleContext, symbol: str | None) -> safety.RiskState:
     """Gather what the rules look at, for one call. Reads are cached per cycle in ``BrokerView``."""
     status: MarketStatus = ctx.market_status()
-    sim = ctx.settings.broker.sim
+    commission_pct, min_commission = ctx.settings.broker.commission
     return safety.RiskState(
         now=ctx.clock(),
         is_continuous=status.is_continuous,
@@ -405,8 +405,8 @@ def risk_state(ctx: CycleContext, symbol: str | None) -> safety.RiskState:
         halt_reason=ctx.halt_reason,
         approvals=list(ctx.approvals),
         alerts_this_cycle=ctx.alerts_sent,
-        commission_pct=Decimal(str(sim.commission_pct)),
-        min_commission_hkd=sim.min_commission_hkd,
+        commission_pct=commission_pct,
+        min_commission_hkd=min_commission,
     )
 
 

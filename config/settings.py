@@ -48,6 +48,8 @@ class FutuSettings(_Section):
     security_firm: str = "FUTUSECURITIES"
     connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
     request_timeout_s: Annotated[float, Field(gt=0, le=300)] = 15
+    commission_pct: Annotated[float, Field(ge=0, lt=0.01)] = 0.0003  # the broker's, for cost previews
+    min_commission_hkd: Annotated[Decimal, Field(ge=0)] = Decimal(3)
 
 
 class SimSettings(_Section):
@@ -62,6 +64,12 @@ class BrokerSettings(_Section):
     name: Literal["futu", "sim"] = "sim"
     futu: FutuSettings = FutuSettings()
     sim: SimSettings = SimSettings()
+
+    @property
+    def commission(self) -> tuple[Decimal, Decimal]:
+        """(commission fraction, minimum HKD) of the broker in use."""
+        active = self.futu if self.name == "futu" else self.sim
+        return Decimal(str(active.commission_pct)), active.min_commission_hkd
 
 
 class RiskSettings(_Section):
