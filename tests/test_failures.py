@@ -25,7 +25,7 @@ class Inbox:
     def __init__(self) -> None:
         self.messages: list[str] = []
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+    async def handle_DATA(self, server, session, envelope):
         self.messages.append(envelope.content.decode("utf-8", "replace"))
         return "250 OK"
 
@@ -87,9 +87,7 @@ def test_model_api_overloaded_then_timing_out_ends_the_cycle_as_error(
     assert journal.orders_on(date(2026, 11, 20)) == []
 
 
-def test_two_agents_started_together_one_runs_the_other_exits_5(
-    project_env: dict[str, str], journal: Journal
-) -> None:
+def test_two_agents_started_together_one_runs_the_other_exits_5(project_env: dict[str, str], journal: Journal) -> None:
     with FakeMessagesAPI() as api:
         api.enqueue_delay(6, message([text("Nothing to do.")]))  # the first agent sits in its model call
         env = {**project_env, **api.env()}

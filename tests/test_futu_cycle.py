@@ -46,7 +46,7 @@ def test_rules_cycle_through_opend_places_a_simulate_order_with_our_remark(
     placed = opend.requests_for(TRD_PLACE_ORDER)
     assert len(placed) == len(journalled)
     for request, row in zip(placed, journalled, strict=True):
-        c2s = request["c2s"] if "c2s" in request else request
+        c2s = request.get("c2s", request)
         assert c2s["header"]["trdEnv"] in (0, "0")  # TrdEnv.SIMULATE on the wire
         assert c2s["remark"] == row.client_order_id
         assert row.status in ("filled", "submitted") and row.broker_order_id
