@@ -1159,6 +1159,28 @@ class FutuClient:
             )
         return sorted(items, key=lambda item: item.published_at, reverse=True)
 
+    def gateway_state(self) -> dict[str, str]:
+        """OpenD's global state in our words (for the connection test): HK market, logins, server version."""
+        data = self._read("quote", "global_state", "get_global_state", lambda ctx: ctx.get_global_state())
+        if not isinstance(data, dict):
+            return {}
+        keys = ("market_hk", "qot_logined", "trd_logined", "server_ver", "server_build_no", "program_status_type")
+        return {key: _text(data.get(key)) for key in keys if key in data}
+
+    def accounts(self) -> list[dict[str, str]]:
+        """Every trading account OpenD sees: id, paper/real, markets and status (for the connection test)."""
+        data = self._read("trade", "acc_list", "get the account list", lambda ctx: ctx.get_acc_list())
+        return [
+            {
+                "acc_id": str(row.get("acc_id")),
+                "trd_env": _text(row.get("trd_env")),
+                "markets": ",".join(str(m) for m in (row.get("trdmarket_auth") or [])),
+                "status": _text(row.get("acc_status")),
+                "in_use": "yes" if str(row.get("acc_id")) == str(self.account_id) else "",
+            }
+            for row in _rows(data)
+        ]
+
     def market_state(self) -> MarketState | None:
         """OpenD's view of the HK market (``get_global_state``), or None for a state we do not know."""
         data = self._read("quote", "global_state", "get_global_state", lambda ctx: ctx.get_global_state())
