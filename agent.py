@@ -330,6 +330,70 @@ def reconcile_orders(ctx: Any, log: Any) -> list[str]:
     return unresolved
 
 
+@dataclass
+class Reconciliation:
+    unresolved: list[str]  # client_order_ids whose fate is unknown: entries stay blocked
+    adopted: list[str]  # positions the journal did not know, now under a default stop
+    rearmed: list[str]  # REAL accounts: broker-side stops placed again
+
+
+def reconcile(ctx: Any, run: Run, log: Any) -> Reconciliation:
+    """Before any decision: settle orders, adopt unknown positions, sync stops, re-arm broker-side stops."""
+    from decimal import Decimal
+
+    from brokers.base import Side
+    from tool_executor import arm_broker_stop, uses_broker_stops
+
+    journal, risk = ctx.journal, ctx.settings.risk
+    unresolved = reconcile_orders(ctx, log)
+    ctx.view.invalidate()
+    positions = ctx.view.positions()
+    stops = journal.protective_stops()
+    adopted: list[str] = []
+    for symbol, position in positions.items():
+        stop = stops.get(symbol)
+        if stop is None:
+            price = (position.avg_cost * (1 - Decimal(str(risk.default_stop_pct)))).quantize(Decimal("0.001"))
+            journal.upsert_protective_stop(
+                symbol, quantity=position.quantity, entry_price=position.avg_cost, stop_loss=price,
+                take_profit=None, source="adopted", cycle_id=ctx.cycle_id,
+            )  # fmt: skip
+            adopted.append(f"{symbol} ({position.quantity} @ {position.avg_cost}, stop {price})")
+        elif stop.quantity != position.quantity:
+            journal.upsert_protective_stop(
+                symbol, quantity=position.quantity, entry_price=stop.entry_price, stop_loss=stop.stop_loss,
+                take_profit=stop.take_profit, broker_stop_order_id=stop.broker_stop_order_id, source=stop.source,
+                cycle_id=ctx.cycle_id,
+            )  # fmt: skip
+    working_entries = {o.symbol for o in ctx.view.open_orders() if o.is_active and o.side == Side.BUY}
+    for symbol in set(stops) - set(positions) - working_entries:
+        journal.delete_protective_stop(symbol)  # flat: the stop has nothing left to protect
+    if adopted:
+        log.warning("positions_adopted", positions=adopted)
+        run.alerter.send(
+            "Positions adopted with a default stop",
+            "The journal did not know: " + "; ".join(adopted) + f". Each now has a {risk.default_stop_pct:.0%} stop.",
+            priority="high",
+            event="reconciliation_mismatch",
+        )
+    rearmed: list[str] = []
+    if uses_broker_stops(ctx):
+        live = {o.broker_order_id for o in ctx.view.open_orders() if o.is_active}
+        for symbol, stop in journal.protective_stops().items():
+            if symbol not in positions or stop.broker_stop_order_id in live:
+                continue
+            if arm_broker_stop(ctx, symbol) is not None and stop.broker_stop_order_id:
+                rearmed.append(symbol)
+        if rearmed:
+            run.alerter.send(
+                "Broker-side stops re-armed",
+                f"The stop orders of {', '.join(rearmed)} had vanished at the broker; they were placed again.",
+                priority="high",
+                event="guard_action",
+            )
+    return Reconciliation(unresolved=unresolved, adopted=adopted, rearmed=rearmed)
+
+
 def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str | None) -> str:
     """The per-run context: everything that changes between runs goes here, never in the cached prefix."""
     import json
@@ -372,9 +436,9 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     account = ctx.view.account()
     journal.record_equity_snapshot(today, "start_of_day", account.equity, account.cash, clock())
     journal.record_equity_snapshot(today, "cycle", account.equity, account.cash, clock())
-    unresolved = reconcile_orders(ctx, log)
-    if unresolved:
-        ctx.halt_reason = f"{len(unresolved)} order(s) with unknown fate: {', '.join(unresolved)}"
+    report = reconcile(ctx, run, log)
+    if report.unresolved:
+        ctx.halt_reason = f"{len(report.unresolved)} order(s) with unknown fate: {', '.join(report.unresolved)}"
         run.alerter.send("Unresolved orders block entries", ctx.halt_reason, priority="high", event="order_unknown")
     kill = kill_switch_reason(settings, journal)
     if kill:
@@ -488,40 +552,15 @@ def halt_for_daily_loss(ctx: Any, run: Run, pnl: float, log: Any, close_all: Any
 
 def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log: Any) -> int:
     """No model: reconcile, enforce stops / take-profits / time stops / the daily loss limit, exit."""
-    from decimal import Decimal
-
     import safety
     from tool_executor import close_all, close_position, risk_state
 
     ctx = make_context(settings, run, broker, source, clock, dry_run=False)
     journal = run.journal
     status = ctx.market_status()
-    unresolved = reconcile_orders(ctx, log)
+    report = reconcile(ctx, run, log)
+    unresolved = report.unresolved
     positions = ctx.view.positions()
-    stops = journal.protective_stops()
-    adopted = []
-    for symbol, position in positions.items():
-        if symbol not in stops:
-            stop = position.avg_cost * (1 - Decimal(str(settings.risk.default_stop_pct)))
-            journal.upsert_protective_stop(
-                symbol,
-                quantity=position.quantity,
-                entry_price=position.avg_cost,
-                stop_loss=stop.quantize(Decimal("0.001")),
-                take_profit=None,
-                source="adopted",
-                cycle_id=run.cycle_id,
-            )
-            adopted.append(symbol)
-    if adopted:
-        run.alerter.send(
-            "Positions adopted with a default stop",
-            f"The journal did not know {', '.join(adopted)}; each now has a {settings.risk.default_stop_pct:.0%} stop.",
-            priority="high",
-            event="reconciliation_mismatch",
-        )
-    for symbol in set(stops) - set(positions):
-        journal.delete_protective_stop(symbol)
     if not status.is_continuous:
         summary = f"nothing to enforce: {status.description}"
         journal.finish_cycle(run.cycle_id, status="ok", finished_at=clock(), summary=summary)
@@ -543,6 +582,8 @@ def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log
             log.error("guard_close_failed", symbol=symbol, error=str(exc))
     if actions:
         run.alerter.send("Guard closed positions", "\n".join(actions), event="guard_action")
+    actions += [f"{symbol}: broker stop re-armed" for symbol in report.rearmed]
+    actions += [f"adopted {text}" for text in report.adopted]
     summary = f"{len(positions)} position(s) checked; " + ("; ".join(actions) if actions else "no action")
     if unresolved:
         summary += f"; unresolved orders: {', '.join(unresolved)}"

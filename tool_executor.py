@@ -171,18 +171,24 @@ class ToolExecutor:
             limit_price=limit,
         )
         order = place_order_write_ahead(self.ctx, request, stop_loss=stop, take_profit=target, reason=a.reason)
-        if side == Side.BUY and order.status != OrderStatus.REJECTED:
+        # The stop a position lives under is recorded as soon as the entry is working (a dry run records
+        # nothing: it must never touch the stops of the real account). The guard enforces it in paper; in a
+        # REAL account a broker-side stop order is armed once shares are held.
+        if side == Side.BUY and not self.ctx.dry_run and order.status != OrderStatus.REJECTED:
+            held = self.ctx.view.positions().get(a.symbol)
             entry = order.avg_fill_price or limit or Decimal(verdict.rounded.get("entry_price", "0"))
             self.ctx.journal.upsert_protective_stop(
                 symbol=a.symbol,
-                quantity=a.quantity,
+                quantity=held.quantity if held else a.quantity,
                 entry_price=entry,
                 stop_loss=stop,
                 take_profit=target,
                 broker_stop_order_id=None,
-                source="dry_run" if self.ctx.dry_run else "entry",
+                source="entry",
                 cycle_id=self.ctx.cycle_id,
             )
+            if order.filled_quantity > 0:
+                arm_broker_stop(self.ctx, a.symbol)
         return order_result(order, verdict)
 
     def close_position(self, a: tools.ClosePositionInput, verdict: safety.Verdict | None = None) -> Any:
@@ -314,8 +320,92 @@ def _settle_unclear_order(ctx: CycleContext, request: OrderRequest, exc: Excepti
     ) from exc
 
 
+def uses_broker_stops(ctx: CycleContext) -> bool:
+    """REAL accounts keep protective stops at the broker; paper accounts (and dry runs) cannot."""
+    return not ctx.dry_run and not ctx.view.account().is_paper and hasattr(ctx.broker, "place_stop_order")
+
+
+def arm_broker_stop(ctx: CycleContext, symbol: str) -> Order | None:
+    """Place (or re-place) the broker-side STOP sell for a held position and record its id. REAL only."""
+    if not uses_broker_stops(ctx):
+        return None
+    stop = ctx.journal.protective_stops().get(symbol)
+    held = ctx.view.positions().get(symbol)
+    if stop is None or held is None or held.quantity <= 0:
+        return None
+    request = OrderRequest(
+        client_order_id=ctx.new_client_order_id(),
+        symbol=symbol,
+        side=Side.SELL,
+        quantity=held.quantity,
+        order_type=OrderType.STOP,
+        aux_price=stop.stop_loss,
+    )
+    journal, now = ctx.journal, ctx.clock()
+    journal.insert_order(
+        OrderIntent(
+            client_order_id=request.client_order_id,
+            cycle_id=ctx.cycle_id,
+            symbol=symbol,
+            side=Side.SELL,
+            quantity=held.quantity,
+            order_type=OrderType.STOP,
+            limit_price=None,
+            stop_loss=stop.stop_loss,
+            take_profit=stop.take_profit,
+            status=OrderStatus.PENDING,
+            reason="protective stop",
+            trading_date=now.date(),
+        )
+    )
+    ctx.orders_placed.append(request.client_order_id)
+    try:
+        order = ctx.broker.place_stop_order(request)  # type: ignore[attr-defined]
+    except OrderRejected as exc:
+        journal.update_order(request.client_order_id, status=OrderStatus.REJECTED, reason=str(exc)[:500], at=now)
+        ctx.alerter.send(
+            f"Protective stop for {symbol} refused",
+            f"The broker refused the STOP sell {held.quantity} {symbol} @ {stop.stop_loss}: {exc}. "
+            "The guard enforces the stop instead; check the account.",
+            priority="high",
+            event="order_rejected",
+        )
+        return None
+    except (BrokerTemporaryError, BrokerUnavailable, OrderStateUnknown) as exc:
+        order = _settle_unclear_order(ctx, request, exc)
+    journal.update_order(
+        request.client_order_id, status=order.status, broker_order_id=order.broker_order_id, at=ctx.clock()
+    )
+    journal.upsert_protective_stop(
+        symbol,
+        quantity=held.quantity,
+        entry_price=stop.entry_price,
+        stop_loss=stop.stop_loss,
+        take_profit=stop.take_profit,
+        broker_stop_order_id=order.broker_order_id,
+        source=stop.source,
+        cycle_id=ctx.cycle_id,
+    )
+    ctx.view.invalidate()
+    log.info("broker_stop_armed", symbol=symbol, quantity=held.quantity, stop=str(stop.stop_loss))
+    return order
+
+
+def cancel_broker_stop(ctx: CycleContext, symbol: str) -> None:
+    """Cancel a position's broker-side stop before selling it, so the two cannot both sell."""
+    stop = ctx.journal.protective_stops().get(symbol)
+    if ctx.dry_run or stop is None or not stop.broker_stop_order_id:
+        return
+    live = {o.broker_order_id for o in ctx.view.open_orders() if o.is_active}
+    if stop.broker_stop_order_id in live:
+        ctx.broker.cancel_order(stop.broker_stop_order_id)
+        log.info("broker_stop_cancelled", symbol=symbol, broker_order_id=stop.broker_stop_order_id)
+        ctx.view.invalidate()
+
+
 def close_position(ctx: CycleContext, symbol: str, reason: str) -> Order:
-    """Sell the whole sellable quantity of one long at the market."""
+    """Sell the whole position at the market (its broker-side stop is cancelled first)."""
+    cancel_broker_stop(ctx, symbol)
     held = ctx.view.positions().get(symbol)
     if held is None or held.sellable_quantity <= 0:
         raise OrderRejected(f"Could not close {symbol}: no sellable position. No order was sent.")
