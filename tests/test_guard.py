@@ -24,7 +24,9 @@ def at(hhmm: str) -> str:
 
 def broker_at(state_file: Path, when: str) -> SimBroker:
     moment = datetime.fromisoformat(when)
-    return SimBroker(SimExchange(seed=42, clock=lambda: moment, state_file=state_file, starting_cash=Decimal(1_000_000)))
+    return SimBroker(
+        SimExchange(seed=42, clock=lambda: moment, state_file=state_file, starting_cash=Decimal(1_000_000))
+    )
 
 
 def buy(state_file: Path, when: str, symbol: str, quantity: int) -> Decimal:
@@ -72,9 +74,7 @@ def test_a_price_through_the_stop_closes_the_position(
     assert "guard_finished" in run.output
 
 
-def test_take_profit_reached_closes_the_position(
-    project_env: dict[str, str], journal: Journal, tmp_path: Path
-) -> None:
+def test_take_profit_reached_closes_the_position(project_env: dict[str, str], journal: Journal, tmp_path: Path) -> None:
     state = tmp_path / "var" / "sim" / "state.json"
     fill = buy(state, at("10:15"), "HK.00005", 400)
     journal.upsert_protective_stop("HK.00005", quantity=400, entry_price=fill, stop_loss=fill * Decimal("0.95"),
