@@ -44,6 +44,7 @@ examples:
   python agent.py --dry-run --broker sim --brain rules --now 2026-11-20T10:15:00+08:00
   python agent.py                  # one cycle with the configured broker and Claude
   python agent.py --guard          # stops, take-profits, time stops, daily loss limit; no model
+  python agent.py --check          # did today's scheduled cycles run? (alerts once per missed cycle)
 """
 
 
@@ -67,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guard",
         action="store_true",
         help="no model: reconcile, enforce stops/take-profits/time stops and the daily loss limit, exit",
+    )
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="no broker, no model: alert if a scheduled cycle (09:30, 13:00 HKT) did not run today; "
+        "exit 0 if none was missed, 1 if one was",
     )
     parser.add_argument("--broker", choices=["futu", "sim"], help="override broker.name from the settings")
     parser.add_argument("--brain", choices=["claude", "rules"], help="override agent.brain from the settings")
@@ -150,7 +157,7 @@ def execute(args: argparse.Namespace, run: Run) -> int:
 
     import structlog
 
-    mode = "guard" if args.guard else "dry_run" if args.dry_run else "trade"
+    mode = "guard" if args.guard else "dry_run" if args.dry_run else "check" if args.check else "trade"
     real = settings.broker.name == "futu" and settings.broker.futu.trd_env == "REAL"
     structlog.contextvars.bind_contextvars(run_id=run.run_id[:12], mode="live" if real else "sim")
     log = structlog.get_logger("agent")
@@ -175,7 +182,69 @@ def execute(args: argparse.Namespace, run: Run) -> int:
     )
     log.debug("settings_loaded", settings=settings.redacted(), source=str(settings.source))
 
+    if mode == "check":
+        return check_schedule(run, settings, secrets, clock, log)
     return open_and_run(args, run, settings, secrets, clock, mode, log)
+
+
+# ------------------------------------------------------------------------------------------ missed runs
+
+MISSED_RUN_GRACE = timedelta(minutes=15)
+
+
+def scheduled_cycles(session: Any) -> list[datetime]:
+    """The cron cycles of a trading day: the morning open and, unless a half day, the afternoon open."""
+    times = [session.open]
+    if session.break_end is not None:
+        times.append(session.break_end)
+    return times
+
+
+def missed_cycles(now: datetime, scheduled: list[datetime], started: list[datetime]) -> list[datetime]:
+    """Scheduled times, past their grace period, with no cycle started from 5 minutes before to the grace."""
+    missed = []
+    for due in scheduled:
+        if now < due + MISSED_RUN_GRACE:
+            continue
+        window_start, window_end = due - timedelta(minutes=5), due + MISSED_RUN_GRACE
+        if not any(window_start <= t <= window_end for t in started):
+            missed.append(due)
+    return missed
+
+
+def check_schedule(run: Run, settings: Any, secrets: Any, clock: Any, log: Any) -> int:
+    """``--check``: compare today's journal with the calendar; alert once per missed cycle."""
+    from data.alerts import Alerter
+    from data.database import Journal
+    from data.market import trading_session
+
+    run.alerter = Alerter(settings.alerts, secrets.smtp_password, None)
+    run.journal = Journal.open(settings, secrets)
+    run.alerter = Alerter(settings.alerts, secrets.smtp_password, run.journal)
+    now = clock()
+    session = trading_session(now.date())
+    if session is None:
+        log.info("schedule_checked", missed=[], note="not a trading day")
+        return EXIT_OK
+    started = [c.started_at for c in run.journal.cycles_on(now.date()) if c.mode in ("trade", "dry_run")]
+    missed = missed_cycles(now, scheduled_cycles(session), started)
+    for due in missed:
+        flag = f"missed_run_alert:{due:%Y-%m-%d %H:%M}"
+        if run.journal.get_flag(flag) is None:
+            run.journal.set_flag(flag, "alerted", "check")
+            run.alerter.send(
+                f"Missed trading cycle at {due:%H:%M} HKT",
+                f"No trading cycle started between {due - timedelta(minutes=5):%H:%M} and "
+                f"{due + MISSED_RUN_GRACE:%H:%M} HKT on {due:%Y-%m-%d}. Check cron (crontab -l), "
+                "logs/cron.log and the gateway.",
+                priority="high",
+                event="missed_run",
+            )
+    log.info("schedule_checked", missed=[f"{d:%H:%M}" for d in missed], cycles_today=len(started))
+    if missed:
+        print(f"missed scheduled cycle(s) at {', '.join(f'{d:%H:%M}' for d in missed)} HKT", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------ composition

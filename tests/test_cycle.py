@@ -129,3 +129,44 @@ def test_log_file_is_json_lines_without_secrets(project_env: dict[str, str], tmp
     assert {"run_started", "context_built", "cycle_finished"} <= {e["event"] for e in events}
     text = log_file.read_text() + run.output
     assert "sk-ant-do-not-log-me" not in text and "918273" not in text
+
+
+def test_check_reports_a_missed_cycle_once(project_env: dict[str, str], journal: Journal) -> None:
+    # 09:30 ran (a cycle at 09:31); 13:00 did not. At 13:30 the check says so and alerts, once.
+    run = run_agent("--dry-run", "--broker", "sim", "--brain", "rules", "--now", "2026-11-20T09:31:00+08:00",
+                    env=project_env)  # fmt: skip
+    assert run.returncode == 0, run.output
+    first = run_agent("--check", "--now", "2026-11-20T11:00:00+08:00", env=project_env)
+    assert first.returncode == 0, first.output
+    missed = run_agent("--check", "--now", "2026-11-20T13:30:00+08:00", env=project_env)
+    assert missed.returncode == 1 and "missed scheduled cycle(s) at 13:00 HKT" in missed.output
+    again = run_agent("--check", "--now", "2026-11-20T13:45:00+08:00", env=project_env)
+    assert again.returncode == 1
+    events = [a.event for a in journal.alerts_since(__import__("datetime").datetime(2026, 11, 1).astimezone())]
+    assert events.count("missed_run") == 1
+    sunday = run_agent("--check", "--now", "2026-11-22T13:30:00+08:00", env=project_env)
+    assert sunday.returncode == 0, sunday.output
+
+
+def test_missed_cycles_rule_table() -> None:
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    from agent import missed_cycles
+
+    hkt = ZoneInfo("Asia/Hong_Kong")
+    nine30, one = datetime(2026, 11, 20, 9, 30, tzinfo=hkt), datetime(2026, 11, 20, 13, 0, tzinfo=hkt)
+    cases = [
+        (nine30 + timedelta(minutes=10), [], []),  # still within the grace period: not missed yet
+        (nine30 + timedelta(minutes=16), [], [nine30]),  # past the grace with no cycle: missed
+        (nine30 + timedelta(minutes=16), [nine30 + timedelta(minutes=1)], []),  # ran a minute late: fine
+        (nine30 + timedelta(minutes=16), [nine30 - timedelta(minutes=4)], []),  # cron slightly early: fine
+        (one + timedelta(hours=1), [nine30], [one]),  # the afternoon cycle did not run
+        (
+            one + timedelta(hours=1),
+            [nine30 + timedelta(hours=2)],
+            [nine30, one],
+        ),  # a stray 11:30 run counts for neither
+    ]
+    for now, started, expected in cases:
+        assert missed_cycles(now, [nine30, one], started) == expected, (now, started)
