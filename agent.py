@@ -553,7 +553,7 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
         first_message,
         settings.claude,
         cost_before_today=journal.cost_usd_since(start_of_day),
-        on_turn=lambda i, turn: log.info(
+        on_turn=lambda i, turn: (log.info if brain.name == "claude" else log.debug)(
             "model_turn",
             iteration=i,
             stop_reason=turn.stop_reason,

@@ -522,6 +522,14 @@ def _proposal(a: tools.CheckRiskInput | tools.ExecuteTradeInput) -> safety.Trade
     )
 
 
+def _short(value: Any, limit: int = 160) -> str:
+    """A tool input as one short line for the console."""
+    import json
+
+    text = json.dumps(value, separators=(",", ":"), default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ToolGate:
     """Every tool call of the loop goes through here: validate, ask safety, run if allowed, journal."""
 
@@ -572,6 +580,7 @@ class ToolGate:
             "tool_called" if outcome.allowed else "safety_refused",
             seq=seq,
             tool=name,
+            args=_short(raw_input),
             allowed=outcome.allowed,
             is_error=outcome.is_error,
             reason=outcome.reason,

@@ -49,6 +49,16 @@ def redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> di
     return {k: _redact(v, k) for k, v in event_dict.items()}
 
 
+def _console_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """The console is for a person: drop the per-run context fields every line repeats (the file keeps them)."""
+    for key in ("run_id", "mode"):
+        event_dict.pop(key, None)
+    stamp = event_dict.get("timestamp")
+    if isinstance(stamp, str) and "T" in stamp:
+        event_dict["timestamp"] = stamp.replace("T", " ")[:19]
+    return event_dict
+
+
 def log_path(log_dir: Path, now: datetime) -> Path:
     """``logs/agent-YYYYMMDD.log`` with the Hong Kong date of ``now``."""
     return log_dir / f"agent-{now.astimezone(HKT):%Y%m%d}.log"
@@ -68,6 +78,7 @@ def configure_logging(log_dir: Path | None, now: datetime, *, verbose: bool = Fa
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _console_fields,
                 structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=22, sort_keys=False),
             ],
             foreign_pre_chain=shared,
