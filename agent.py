@@ -663,42 +663,44 @@ def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log
 
 def fail(exc: Exception, run: Run) -> int:
     """One ``run_failed`` line, the cycle marked ``error``, an alert attempted, a distinct exit code."""
-    from config.errors import AgentError
+    from config.errors import AgentError, BrokerUnavailable, LockHeld
 
     code = exc.exit_code if isinstance(exc, AgentError) else EXIT_ERROR
     message = f"{type(exc).__name__}: {exc}"
     try:
         import structlog
 
-        structlog.get_logger("agent").error(
-            "run_failed",
-            error_class=type(exc).__name__,
-            error=str(exc),
-            traceback=traceback.format_exc(),
-            exit_code=code,
-        )
+        log = structlog.get_logger("agent")
+        if isinstance(exc, LockHeld):  # expected when cron lines meet: no error, no alert
+            log.warning("lock_held", error=str(exc), exit_code=code)
+        else:
+            log.error(
+                "run_failed",
+                error_class=type(exc).__name__,
+                error=str(exc),
+                traceback=traceback.format_exc(),
+                exit_code=code,
+            )
     except Exception:  # logging itself broke: still say something
         print(f"run_failed: {message}", file=sys.stderr)
     if run.journal is not None and run.cycle_id is not None:
         try:
-            from datetime import datetime as _dt
-
             run.journal.finish_cycle(
                 run.cycle_id,
                 status="halted" if code == EXIT_HALTED else "error",
-                finished_at=_dt.now(HKT),
+                finished_at=datetime.now(HKT),
                 error=message[:2000],
                 summary="failed" if code != EXIT_HALTED else str(exc)[:500],
             )
         except Exception as journal_exc:
             print(f"could not journal the failure: {journal_exc}", file=sys.stderr)
-    if run.alerter is not None and code not in (EXIT_LOCKED,):
+    if run.alerter is not None and not isinstance(exc, LockHeld) and not _alerted_this_hour(run, exc):
         with contextlib.suppress(Exception):  # an alert failure never hides the original error
             run.alerter.send(
-                "Cycle failed" if code != EXIT_HALTED else "Trading halted",
+                "Gateway unreachable" if isinstance(exc, BrokerUnavailable) else "Cycle failed",
                 message,
                 priority="high",
-                event="cycle_error",
+                event="gateway_unreachable" if isinstance(exc, BrokerUnavailable) else "cycle_error",
             )
     if os.environ.get("CATALYST_RAISE") == "1":
         raise exc
@@ -707,6 +709,20 @@ def fail(exc: Exception, run: Run) -> int:
     else:
         print(f"{message}", file=sys.stderr)
     return code
+
+
+def _alerted_this_hour(run: Run, exc: Exception) -> bool:
+    """The same failure alerts once an hour, not every 5 minutes of an outage (needs the journal to remember)."""
+    if run.journal is None:
+        return False
+    flag = f"failure_alert:{type(exc).__name__}:{datetime.now(HKT):%Y-%m-%d %H}"
+    try:
+        if run.journal.get_flag(flag) is not None:
+            return True
+        run.journal.set_flag(flag, str(exc)[:200], "agent")
+    except Exception:
+        return False
+    return False
 
 
 def close_run(run: Run) -> None:

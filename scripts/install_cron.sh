@@ -12,7 +12,7 @@ Usage: scripts/install_cron.sh [--install | --uninstall | --help]
 
 The schedule (times in UTC; Hong Kong is UTC+8 with no daylight saving), Monday to Friday:
   01:30, 05:00          trading cycles (09:30 and 13:00 HKT): agent.py
-  01:30-08:00 every 5'  the guard (09:30-16:00 HKT): agent.py --guard
+  01:35-08:00 every 5'  the guard (09:35-16:00 HKT; the 01:30 cycle holds the lock): agent.py --guard
   every 5 minutes       scripts/health_check.sh (every day: OpenD must stay up)
 The agent itself skips holidays, half-day afternoons and the lunch break.
 
@@ -65,7 +65,7 @@ block() {
 	job "30 1 * * 1-5" "$PY $REPO/agent.py"
 	job "0 5 * * 1-5" "$PY $REPO/agent.py"
 	printf '%s\n' "# Guard every 5 minutes, 09:30-16:00 HKT"
-	job "30-55/5 1 * * 1-5" "$PY $REPO/agent.py --guard"
+	job "35-55/5 1 * * 1-5" "$PY $REPO/agent.py --guard"
 	job "*/5 2-7 * * 1-5" "$PY $REPO/agent.py --guard"
 	job "0 8 * * 1-5" "$PY $REPO/agent.py --guard"
 	printf '%s\n' "# OpenD health check and missed-run alarm, every 5 minutes"
