@@ -23,6 +23,16 @@ limit orders rest and fill when a later call sees a minute bar trade through the
 the close (HKEX orders are day orders). With a ``state_file`` the account, orders and test knobs persist
 (atomic JSON, file-locked) so separate cron runs share one continuous paper account.
 
+``SimBroker(exchange, account_kind="real")`` behaves like a Futu REAL account instead: its id is
+``SIM-REAL-<seed>``, ``account().is_paper`` is False, and it accepts broker-side protective SELL stops
+(``STOP``: trigger ``aux_price``, then a market sell; ``STOP_LIMIT``: trigger, then a limit sell at
+``limit_price``). A stop rests (status submitted) and reserves its shares like a resting sell; it triggers on the
+first minute bar after the placing minute whose low reaches the trigger and fills at the trigger, or at that
+bar's open when the bar opened below it (a gap fills worse, as a market order would). Stops are day orders like
+every sim order (``FutuClient`` sends ``TimeInForce.DAY`` too): one still resting at the close expires, so a
+position carried overnight needs its stop re-armed. The state file records the account kind; a file written for
+one kind refuses to open as the other (``ConfigError``).
+
 Test knobs on ``SimExchange`` (persisted): ``apply_shock``, ``set_suspended``, ``fail_next_order``.
 """
 
@@ -40,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
@@ -71,12 +82,20 @@ HISTORY_SESSIONS = 150  # sessions of history before the clock's date (daily and
 MOMENTUM_PER_DAY = 3  # stocks that show a momentum move on each trading day
 TIMEFRAME_MINUTES: dict[str, int | None] = {"1m": 1, "5m": 5, "15m": 15, "1h": 60, "1d": None}
 INDEXES = ("HSI", "HSCEI", "HSTECH")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 added account_kind; version 1 files (paper only) still load, as paper accounts
 NEWS_LOOKBACK_DAYS = 30  # news() never reaches further back than this
 DONE_ORDER_RETENTION_DAYS = 30  # finished orders older than this are dropped from the state file
 
 _MINUTE = timedelta(minutes=1)
 _CENT = Decimal("0.01")
+_STOP_TYPES = frozenset({OrderType.STOP, OrderType.STOP_LIMIT})
+
+
+class AccountKind(StrEnum):
+    """Which Futu account a ``SimBroker`` imitates: paper (SIMULATE, no stop orders) or REAL (stop orders)."""
+
+    PAPER = "paper"
+    REAL = "real"
 
 
 # ==============================================================================================================
@@ -502,11 +521,13 @@ class _State:
     shocks: list[_Shock] = field(default_factory=list)
     suspended: set[str] = field(default_factory=set)
     fail_next: str | None = None
+    account_kind: AccountKind | None = None  # None until a SimBroker opens the account
 
     def to_json(self, seed: int) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "seed": seed,
+            "account_kind": self.account_kind.value if self.account_kind is not None else None,
             "cash": str(self.cash),
             "positions": {
                 symbol: {"quantity": h.quantity, "avg_cost": str(h.avg_cost)} for symbol, h in self.positions.items()
@@ -521,13 +542,16 @@ class _State:
     @classmethod
     def from_json(cls, data: dict[str, Any], path: Path) -> _State:
         version = data.get("version")
-        if version != STATE_VERSION:
+        if version not in (1, STATE_VERSION):
             raise ConfigError(
-                f"Sim state file {path} has version {version!r}; this code reads version {STATE_VERSION}. "
+                f"Sim state file {path} has version {version!r}; this code reads versions 1 and {STATE_VERSION}. "
                 "Move the file away to start a fresh paper account."
             )
         try:
+            # Version 1 was written before REAL-flavoured accounts existed: it is a paper account.
+            kind = data.get("account_kind") if version == STATE_VERSION else AccountKind.PAPER.value
             return cls(
+                account_kind=AccountKind(kind) if kind is not None else None,
                 cash=Decimal(data["cash"]),
                 positions={
                     symbol: _Holding(int(h["quantity"]), Decimal(h["avg_cost"]))
@@ -985,6 +1009,28 @@ class SimExchange:
 
     # ---------------------------------------------------------------- the paper account (used by SimBroker)
 
+    def _open_account(self, kind: AccountKind) -> None:
+        """Bind the account to ``kind`` on first use; refuse to open it as the other kind (ConfigError)."""
+        with self._transaction():
+            bound = self._state.account_kind
+            if bound is None:
+                self._state.account_kind = kind
+                self._dirty = True
+                return
+            if bound is kind:
+                return
+            where = f"Sim state file {self.state_file}" if self.state_file is not None else "This SimExchange"
+            fix = (
+                "point broker.sim.state_file at another file (or move this one away)"
+                if self.state_file is not None
+                else "give each account kind its own SimExchange"
+            )
+            raise ConfigError(
+                f"{where} holds a {bound.value} account (seed {self.seed}); it cannot be opened as a {kind.value} "
+                f"account, which would mix paper history with broker-side stop orders. Keep account kind "
+                f"{bound.value}, or {fix}."
+            )
+
     def _costs(self, gross: Decimal) -> hkex.CostBreakdown:
         return hkex.trading_costs(gross, self.commission_pct, self.min_commission)
 
@@ -1040,57 +1086,108 @@ class SimExchange:
         self._state.orders.append(order)
 
     def _settle_resting(self, now: datetime) -> None:
-        """Fill resting limit orders whose price traded since they were placed; expire those past their close."""
+        """Fill resting limits and triggered stops whose price traded since they were placed; expire day orders."""
         for order in list(self._state.orders):
-            if not order.is_active or order.limit_price is None:
+            if not order.is_active:
                 continue
             expiry = _first_close_after(order.created_at)
             window_end = min(now, expiry)
             inst = UNIVERSE[_INDEX_OF[order.symbol]]
             filled = False
             if order.symbol not in self._state.suspended:
-                filled = self._try_fill_resting(order, inst, window_end, now)
+                if order.order_type in _STOP_TYPES:
+                    filled = self._try_fill_stop(order, inst, window_end, now)
+                else:
+                    filled = self._try_fill_resting(order, inst, window_end, now)
             if not filled and now >= expiry:
-                self._replace_order(
-                    order.model_copy(
-                        update={
-                            "status": OrderStatus.CANCELLED,
-                            "updated_at": expiry,
-                            "message": f"Expired unfilled at the close of {expiry.date()} (HKEX day order).",
-                        }
+                if order.order_type in _STOP_TYPES:
+                    message = (
+                        f"Stop expired at the close of {expiry.date()} without filling (day order); "
+                        "re-arm it if the position is still held."
                     )
+                else:
+                    message = f"Expired unfilled at the close of {expiry.date()} (HKEX day order)."
+                self._replace_order(
+                    order.model_copy(update={"status": OrderStatus.CANCELLED, "updated_at": expiry, "message": message})
                 )
                 self._dirty = True
 
-    def _try_fill_resting(self, order: Order, inst: Instrument, window_end: datetime, now: datetime) -> bool:
-        assert order.limit_price is not None
+    def _eligible_sessions(
+        self, order: Order, inst: Instrument, window_end: datetime, now: datetime
+    ) -> Iterator[tuple[tuple[datetime, ...], np.ndarray, _Bars]]:
+        """Per session, oldest first: bar starts, the indices of bars a resting order may trade on, and the bars.
+
+        Eligible bars start after the minute the order was placed in and no later than ``window_end``, so an
+        order never trades on the bar it was placed in (deterministic, whatever the seconds).
+        """
         first_eligible = order.created_at.astimezone(HK_TZ).replace(second=0, microsecond=0) + _MINUTE
         day = first_eligible.date()
         cal = _calendar()
         while day <= window_end.date():
             if day in cal.segments:
                 starts, epochs = _bar_starts(day)
-                eligible = (epochs >= first_eligible.timestamp()) & (epochs <= window_end.timestamp())
-                if eligible.any():
-                    bars = self._bars(inst, day, now)
-                    limit_milli = int(order.limit_price * 1000)
-                    if order.side is Side.BUY:
-                        touched = eligible & (bars.low <= limit_milli)
-                    else:
-                        touched = eligible & (bars.high >= limit_milli)
-                    hits = np.flatnonzero(touched)
-                    if hits.size:
-                        i = int(hits[0])
-                        bar_open = int(bars.open[i])
-                        # A gap through the limit fills at the (better) opening price of that bar.
-                        better = bar_open <= limit_milli if order.side is Side.BUY else bar_open >= limit_milli
-                        price = _milli_to_decimal(bar_open) if better else order.limit_price
-                        gross = price * order.quantity
-                        if order.side is Side.BUY and gross + self._costs(gross).total > self._state.cash:
-                            return False  # cash went elsewhere; the order keeps resting until it expires
-                        self._fill(order, price, starts[i])
-                        return True
+                eligible = np.flatnonzero((epochs >= first_eligible.timestamp()) & (epochs <= window_end.timestamp()))
+                if eligible.size:
+                    yield starts, eligible, self._bars(inst, day, now)
             day += timedelta(days=1)
+
+    def _try_fill_resting(self, order: Order, inst: Instrument, window_end: datetime, now: datetime) -> bool:
+        if order.limit_price is None:
+            return False  # only limit orders rest; nothing else can be working here
+        limit_milli = int(order.limit_price * 1000)
+        for starts, eligible, bars in self._eligible_sessions(order, inst, window_end, now):
+            if order.side is Side.BUY:
+                hits = eligible[bars.low[eligible] <= limit_milli]
+            else:
+                hits = eligible[bars.high[eligible] >= limit_milli]
+            if hits.size:
+                i = int(hits[0])
+                bar_open = int(bars.open[i])
+                # A gap through the limit fills at the (better) opening price of that bar.
+                better = bar_open <= limit_milli if order.side is Side.BUY else bar_open >= limit_milli
+                price = _milli_to_decimal(bar_open) if better else order.limit_price
+                gross = price * order.quantity
+                if order.side is Side.BUY and gross + self._costs(gross).total > self._state.cash:
+                    return False  # cash went elsewhere; the order keeps resting until it expires
+                self._fill(order, price, starts[i])
+                return True
+        return False
+
+    def _try_fill_stop(self, order: Order, inst: Instrument, window_end: datetime, now: datetime) -> bool:
+        """A SELL stop: triggers on the first eligible bar whose low reaches ``aux_price``.
+
+        STOP then sells at the trigger, or at the bar's open when the bar opened below it (a gap fills worse).
+        STOP_LIMIT then becomes a limit sell at ``limit_price``: it fills at once when that trigger-bar price is at
+        or above the limit, otherwise it rests from the next bar on like any limit sell. Triggering is recomputed
+        from the printed bars on every call (bars never change once printed), so it needs no stored state.
+        """
+        assert order.aux_price is not None and order.side is Side.SELL
+        trigger_milli = int(order.aux_price * 1000)
+        limit_milli = int(order.limit_price * 1000) if order.limit_price is not None else None
+        triggered = False
+        for starts, eligible, bars in self._eligible_sessions(order, inst, window_end, now):
+            candidates = eligible
+            if not triggered:
+                hits = eligible[bars.low[eligible] <= trigger_milli]
+                if not hits.size:
+                    continue
+                i = int(hits[0])
+                price_milli = min(int(bars.open[i]), trigger_milli)
+                if limit_milli is None or price_milli >= limit_milli:
+                    price = order.aux_price if price_milli == trigger_milli else _milli_to_decimal(price_milli)
+                    self._fill(order, price, starts[i])
+                    return True
+                triggered = True  # a stop-limit whose limit the gap skipped: it now rests as a limit sell
+                candidates = eligible[eligible > i]
+            assert limit_milli is not None
+            hits = candidates[bars.high[candidates] >= limit_milli]
+            if hits.size:
+                j = int(hits[0])
+                bar_open = int(bars.open[j])
+                price = _milli_to_decimal(bar_open) if bar_open > limit_milli else order.limit_price
+                assert price is not None
+                self._fill(order, price, starts[j])
+                return True
         return False
 
 
@@ -1100,14 +1197,31 @@ class SimExchange:
 
 
 class SimBroker:
-    """The ``Broker`` protocol over a ``SimExchange`` paper account (HKD, long only, whole lots)."""
+    """The ``Broker`` protocol over a ``SimExchange`` account (HKD, long only, whole lots).
 
-    def __init__(self, exchange: SimExchange) -> None:
+    ``account_kind`` ``"paper"`` (the default) imitates a Futu paper account: limit and market orders only.
+    ``"real"`` imitates a REAL account: protective SELL ``STOP`` / ``STOP_LIMIT`` orders rest at the (sim) broker.
+    Opening an account as the kind it was not created as raises ConfigError. Raises ValueError for an unknown kind.
+    """
+
+    def __init__(self, exchange: SimExchange, *, account_kind: AccountKind | str = AccountKind.PAPER) -> None:
+        try:
+            kind = AccountKind(account_kind)
+        except ValueError as exc:
+            raise ValueError(f"Sim account kind {account_kind!r} is not known; use 'paper' or 'real'.") from exc
         self.exchange = exchange
+        self.account_kind = kind
+        self.is_paper = kind is AccountKind.PAPER
+        exchange._open_account(kind)
 
     @property
     def account_id(self) -> str:
-        return f"SIM-{self.exchange.seed}"
+        return f"SIM-{self.exchange.seed}" if self.is_paper else f"SIM-REAL-{self.exchange.seed}"
+
+    @property
+    def has_stop_orders(self) -> bool:
+        """True when the account accepts broker-side STOP / STOP_LIMIT orders (the REAL flavour)."""
+        return not self.is_paper
 
     def account(self) -> Account:
         """Cash, market value at current quotes, equity = cash + market value, buying power = cash less open buys."""
@@ -1117,7 +1231,7 @@ class SimBroker:
             cash = ex._state.cash
             return Account(
                 account_id=self.account_id,
-                is_paper=True,
+                is_paper=self.is_paper,
                 cash=cash,
                 equity=(cash + market_value).quantize(_CENT),
                 market_value=market_value.quantize(_CENT),
@@ -1152,7 +1266,7 @@ class SimBroker:
         return result
 
     def open_orders(self) -> list[Order]:
-        """Orders still working (resting limits), oldest first."""
+        """Orders still working (resting limits and untriggered or resting stops), oldest first."""
         with self.exchange._transaction():
             return [o for o in self.exchange._state.orders if o.is_active]
 
@@ -1200,20 +1314,38 @@ class SimBroker:
         """Validate and send one order; marketable ones fill at once at the current price, others rest.
 
         Raises OrderRejected (nothing changes) for: an armed ``fail_next_order``, an unknown or suspended symbol,
-        STOP/STOP_LIMIT (paper accounts support LIMIT and MARKET only), odd lots, a missing or off-tick limit,
-        a MARKET order outside continuous trading, too little buying power (value + costs), or selling more
-        than the sellable quantity (no shorting).
+        STOP/STOP_LIMIT on a paper account (paper supports LIMIT and MARKET only), odd lots, a missing or off-tick
+        limit, a MARKET order outside continuous trading, too little buying power (value + costs), or selling more
+        than the sellable quantity (no shorting). On a REAL-flavoured account a stop must be a SELL with an on-tick
+        trigger (``aux_price``) below the last price (at or above it would trigger at once), and a STOP_LIMIT's
+        limit must be on the tick grid and at or below its trigger. Stops never fill at placement: they rest.
         """
         ex = self.exchange
+        is_stop = request.order_type in _STOP_TYPES
         with ex._transaction():
             now = ex.now()
             inst = ex.instrument(request.symbol)
             symbol = inst.symbol if inst is not None else request.symbol
             price_text = f" @ {request.limit_price}" if request.limit_price is not None else ""
+            if request.order_type is OrderType.STOP:
+                price_text = ""  # a plain stop has no limit: it becomes a market sell
+            if is_stop and request.aux_price is not None:
+                price_text += f" (trigger {request.aux_price})"
             what = f"{request.order_type.value} {request.side.value.upper()} {request.quantity} {symbol}{price_text}"
 
             def reject(reason: str, code: str) -> OrderRejected:
                 return OrderRejected(f"Could not place {what}: {reason}. No order was sent.", code=code)
+
+            def check_tick(label: str, price: Decimal) -> None:
+                if hkex.is_on_tick(price, now.date()):
+                    return
+                try:
+                    down = hkex.round_to_tick(price, Side.BUY, now.date())
+                    up = hkex.round_to_tick(price, Side.SELL, now.date())
+                    hint = f"valid neighbours: {down} and {up}"
+                except ValueError:
+                    hint = f"valid prices are {hkex.MIN_PRICE} to {hkex.MAX_PRICE}"
+                raise reject(f"{label} {price} is not on the HKEX tick grid ({hint})", "off_tick")
 
             if ex._state.fail_next is not None:
                 message = ex._state.fail_next
@@ -1224,9 +1356,16 @@ class SimBroker:
                 raise reject("the sim exchange does not list that symbol", "unknown_symbol")
             if inst.symbol in ex._state.suspended:
                 raise reject(f"{inst.symbol} is suspended from trading", "suspended")
-            if request.order_type not in (OrderType.LIMIT, OrderType.MARKET):
+            if is_stop and self.is_paper:
                 raise reject(
-                    f"{request.order_type.value} orders are not supported by paper accounts (use limit or market)",
+                    f"{request.order_type.value} orders are not supported by paper accounts (use limit or market; "
+                    "the guard enforces stops in paper)",
+                    "unsupported_order_type",
+                )
+            if is_stop and request.side is Side.BUY:
+                raise reject(
+                    "buy stops are not supported by the sim (stops here only protect long positions: "
+                    "use a SELL stop below the market)",
                     "unsupported_order_type",
                 )
             if not hkex.is_whole_lots(request.quantity, inst.lot_size):
@@ -1237,24 +1376,37 @@ class SimBroker:
                 )
             last_milli, moment = ex._last_price_milli(inst, now)
             last = _milli_to_decimal(last_milli)
-            limit = request.limit_price if request.order_type is OrderType.LIMIT else None
-            if request.order_type is OrderType.LIMIT:
+            has_limit = request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT)
+            limit = request.limit_price if has_limit else None
+            aux = request.aux_price if is_stop else None
+            if has_limit:
                 if limit is None:
-                    raise reject("a limit order needs a limit price", "missing_price")
-                if not hkex.is_on_tick(limit, now.date()):
-                    try:
-                        down = hkex.round_to_tick(limit, Side.BUY, now.date())
-                        up = hkex.round_to_tick(limit, Side.SELL, now.date())
-                        hint = f"valid neighbours: {down} and {up}"
-                    except ValueError:
-                        hint = f"valid prices are {hkex.MIN_PRICE} to {hkex.MAX_PRICE}"
-                    raise reject(f"price {limit} is not on the HKEX tick grid ({hint})", "off_tick")
-            elif not moment.continuous:
+                    raise reject(f"a {request.order_type.value} order needs a limit price", "missing_price")
+                check_tick("price", limit)
+            if is_stop:
+                if aux is None:
+                    raise reject("a stop order needs a trigger price (aux_price)", "missing_trigger")
+                check_tick("trigger price", aux)
+                if aux >= last:
+                    raise reject(
+                        f"the trigger {aux} is at or above the last price {last}, so the stop would trigger at once; "
+                        f"set the trigger below {last}, or sell with a market or limit order to exit now",
+                        "trigger_at_market",
+                    )
+                if limit is not None and limit > aux:
+                    raise reject(
+                        f"the limit {limit} is above the trigger {aux}; a sell stop-limit's limit must be at or "
+                        "below its trigger (it is the lowest price the triggered sell may accept)",
+                        "limit_above_trigger",
+                    )
+            elif request.order_type is OrderType.MARKET and not moment.continuous:
                 raise reject(
                     f"market orders need continuous trading and the market is {phase_at(now).value}", "market_closed"
                 )
-            marketable = moment.continuous and (
-                limit is None or (limit >= last if request.side is Side.BUY else limit <= last)
+            marketable = (
+                not is_stop
+                and moment.continuous
+                and (limit is None or (limit >= last if request.side is Side.BUY else limit <= last))
             )
             check_price = limit if limit is not None else last
             if request.side is Side.BUY:
@@ -1268,12 +1420,13 @@ class SimBroker:
                         "insufficient_cash",
                     )
             else:
+                # Resting sells and stops hold their shares, so a stop and a take-profit cannot both sell them.
                 holding = ex._state.positions.get(inst.symbol)
                 sellable = (holding.quantity if holding else 0) - ex._pending_sell(inst.symbol)
                 if request.quantity > sellable:
                     raise reject(
-                        f"only {sellable} shares are sellable (held {holding.quantity if holding else 0}); "
-                        "short selling is not allowed",
+                        f"only {sellable} shares are sellable (held {holding.quantity if holding else 0}, "
+                        f"{ex._pending_sell(inst.symbol)} in open sell orders); short selling is not allowed",
                         "insufficient_position",
                     )
             order = Order(
@@ -1284,6 +1437,7 @@ class SimBroker:
                 quantity=request.quantity,
                 order_type=request.order_type,
                 limit_price=limit,
+                aux_price=aux,
                 status=OrderStatus.SUBMITTED,
                 created_at=now,
                 updated_at=now,
@@ -1294,6 +1448,19 @@ class SimBroker:
             if marketable:
                 return ex._fill(order, last, now)
             return order
+
+    def place_stop_order(self, request: OrderRequest) -> Order:
+        """Place a broker-side protective STOP / STOP_LIMIT sell (REAL-flavoured accounts; as ``FutuClient``'s).
+
+        Raises OrderRejected when ``request`` is not a stop type or ``place_order`` refuses it.
+        """
+        if request.order_type not in _STOP_TYPES:
+            raise OrderRejected(
+                f"Could not place {request.order_type.value} {request.side.value.upper()} {request.quantity} "
+                f"{request.symbol} as a stop order: its type must be stop or stop_limit. No order was sent.",
+                code="not_a_stop",
+            )
+        return self.place_order(request)
 
     def cancel_order(self, broker_order_id: str) -> Order:
         """Cancel a working order. Raises OrderRejected when it is unknown or already filled/cancelled."""

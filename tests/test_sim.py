@@ -23,7 +23,7 @@ from brokers.base import (
     OrderType,
     Side,
 )
-from brokers.sim import HISTORY_SESSIONS, MOMENTUM_PER_DAY, SimBroker, SimExchange
+from brokers.sim import HISTORY_SESSIONS, MOMENTUM_PER_DAY, STATE_VERSION, AccountKind, SimBroker, SimExchange
 from config.errors import ConfigError, OrderRejected
 
 HK = ZoneInfo("Asia/Hong_Kong")
@@ -48,17 +48,22 @@ class ManualClock:
 
 
 def make(
-    now: datetime, seed: int = SEED, state_file: Path | None = None, cash: Decimal = START_CASH
+    now: datetime,
+    seed: int = SEED,
+    state_file: Path | None = None,
+    cash: Decimal = START_CASH,
+    kind: AccountKind = AccountKind.PAPER,
 ) -> tuple[ManualClock, SimExchange, SimBroker]:
     clock = ManualClock(now)
     exchange = SimExchange(seed, clock, state_file, cash, 0.0003, D(3))
-    return clock, exchange, SimBroker(exchange)
+    return clock, exchange, SimBroker(exchange, account_kind=kind)
 
 
 def request(
     symbol: str, side: Side, quantity: int, limit: Decimal | str | None = None, **extra: object
 ) -> OrderRequest:
     order_type = extra.pop("order_type", OrderType.LIMIT if limit is not None else OrderType.MARKET)
+    aux = extra.pop("aux", None)
     return OrderRequest(
         client_order_id=str(extra.pop("client_order_id", f"t-{symbol}-{side.value}-{quantity}")),
         symbol=symbol,
@@ -66,7 +71,16 @@ def request(
         quantity=quantity,
         order_type=order_type,  # type: ignore[arg-type]
         limit_price=D(limit) if limit is not None else None,
+        aux_price=D(str(aux)) if aux is not None else None,
     )
+
+
+def stop(
+    symbol: str, quantity: int, trigger: Decimal | str, limit: Decimal | str | None = None, **extra: object
+) -> OrderRequest:
+    """A protective SELL stop (STOP_LIMIT when ``limit`` is given)."""
+    order_type = OrderType.STOP_LIMIT if limit is not None else OrderType.STOP
+    return request(symbol, Side.SELL, quantity, limit, order_type=order_type, aux=trigger, **extra)
 
 
 def account_snapshot(broker: SimBroker) -> tuple[object, ...]:
@@ -497,6 +511,8 @@ def test_preview_order_costs() -> None:
         (request("700", Side.SELL, 100, "600.00"), "only 0 shares are sellable"),  # short sale
         (request("8888", Side.BUY, 100, "1.00"), "does not list"),  # unknown symbol
         (request("700", Side.BUY, 100, "600.00", order_type=OrderType.STOP), "not supported"),  # paper: no stops
+        (stop("700", 100, "500.00"), "stop orders are not supported by paper accounts"),  # not even sell stops
+        (stop("700", 100, "500.00", "499.50"), "stop_limit orders are not supported by paper"),  # nor stop-limits
         (request("700", Side.BUY, 100, None, order_type=OrderType.LIMIT), "needs a limit price"),  # no price
     ],
 )
@@ -606,7 +622,7 @@ def test_state_persists_across_instances(tmp_path: Path) -> None:
     exchange.set_suspended("2020", True)
     exchange.fail_next_order("injected by the first run")
     saved = json.loads(state.read_text())
-    assert saved["version"] == 1 and saved["seed"] == SEED
+    assert saved["version"] == STATE_VERSION == 2 and saved["seed"] == SEED and saved["account_kind"] == "paper"
 
     # A later cron run: a new process, the same file, the same clock.
     _, reopened, broker2 = make(at(DAY, 10, 0), state_file=state, cash=D(5))
@@ -647,6 +663,7 @@ def test_resting_order_fills_in_a_later_run(tmp_path: Path) -> None:
         ('{"version": 99, "cash": "1"}', "has version 99"),  # written by a future version
         ("{not json", "Could not read sim state file"),  # truncated or corrupt
         ('{"version": 1}', "is damaged"),  # required key missing
+        ('{"version": 2, "cash": "1", "account_kind": "margin"}', "is damaged"),  # no such account kind
         ("[]", "does not hold a JSON object"),  # wrong shape
     ],
 )
@@ -716,3 +733,273 @@ def test_separate_processes_share_one_account_without_losing_updates(tmp_path: P
     price = exchange.quote("3988").last_price
     costs = hkex.trading_costs(price * 1000, D("0.0003"), D(3)).total
     assert broker.account().cash == START_CASH - 10 * (price * 1000 + costs)
+
+
+# ------------------------------------------------------------------------- REAL-flavoured account: broker stops
+
+
+def real(now: datetime, **kwargs: object) -> tuple[ManualClock, SimExchange, SimBroker]:
+    return make(now, kind=AccountKind.REAL, **kwargs)  # type: ignore[arg-type]
+
+
+def below(price: Decimal, factor: str) -> Decimal:
+    """``price * factor`` rounded down onto the tick grid (a valid sell-stop trigger under ``price``)."""
+    return hkex.round_to_tick(price * D(factor), Side.BUY, DAY)
+
+
+def test_real_flavour_is_a_non_paper_account_with_its_own_id() -> None:
+    _, _, paper = make(at(DAY, 10, 0))
+    _, _, real_broker = real(at(DAY, 10, 0))
+    assert (paper.account_id, paper.is_paper, paper.has_stop_orders) == ("SIM-42", True, False)
+    assert (real_broker.account_id, real_broker.is_paper, real_broker.has_stop_orders) == ("SIM-REAL-42", False, True)
+    assert paper.account().is_paper and not real_broker.account().is_paper
+    assert real_broker.account().account_id == "SIM-REAL-42"
+    assert isinstance(real_broker, Broker)
+    with pytest.raises(ValueError, match="account kind 'margin' is not known; use 'paper' or 'real'"):
+        SimBroker(SimExchange(SEED, ManualClock(at(DAY, 10, 0))), account_kind="margin")
+
+
+def test_one_exchange_cannot_back_a_paper_and_a_real_account() -> None:
+    _, exchange, _ = make(at(DAY, 10, 0))
+    assert SimBroker(exchange, account_kind="paper").account_id == "SIM-42"  # another paper view is fine
+    with pytest.raises(ConfigError, match=r"holds a paper account .* give each account kind its own SimExchange"):
+        SimBroker(exchange, account_kind=AccountKind.REAL)
+
+
+def test_stop_rests_reserves_its_shares_and_cancel_releases_them() -> None:
+    _, exchange, broker = real(at(DAY, 10, 0, 20))
+    broker.place_order(request("700", Side.BUY, 300))
+    before = broker.account()
+    trigger = below(exchange.quote("700").last_price, "0.95")
+    placed = broker.place_stop_order(stop("700", 200, trigger, client_order_id="guard-stop"))
+    assert (placed.status, placed.order_type, placed.side) == (OrderStatus.SUBMITTED, OrderType.STOP, Side.SELL)
+    assert (placed.aux_price, placed.limit_price, placed.filled_quantity) == (trigger, None, 0)
+    assert broker.open_orders() == [placed] and broker.find_order("guard-stop") == placed
+    assert broker.account() == before  # a resting stop moves no cash and holds no buying power
+    [position] = broker.positions()
+    assert (position.quantity, position.sellable_quantity) == (300, 100)
+    with pytest.raises(OrderRejected, match=r"only 100 shares are sellable \(held 300, 200 in open sell orders\)"):
+        broker.place_order(request("700", Side.SELL, 200))
+    with pytest.raises(OrderRejected, match="only 100 shares are sellable"):
+        broker.place_stop_order(stop("700", 200, trigger, client_order_id="second-stop"))
+    assert broker.open_orders() == [placed]
+
+    cancelled = broker.cancel_order(placed.broker_order_id)  # how a test makes a broker stop "vanish"
+    assert cancelled.status is OrderStatus.CANCELLED and cancelled.message == "cancelled by request"
+    assert (cancelled.order_type, cancelled.aux_price) == (OrderType.STOP, trigger)
+    assert broker.open_orders() == []
+    assert broker.positions()[0].sellable_quantity == 300
+    with pytest.raises(OrderRejected, match="already cancelled"):
+        broker.cancel_order(placed.broker_order_id)
+    assert broker.place_order(request("700", Side.SELL, 300)).status is OrderStatus.FILLED  # all shares free again
+
+
+def test_stop_triggers_on_the_first_later_bar_through_it_and_a_gap_fills_at_the_open() -> None:
+    clock, exchange, broker = real(at(DAY, 10, 0, 20))
+    broker.place_order(request("700", Side.BUY, 300))
+    cash_after_buy = broker.account().cash
+    trigger = below(exchange.quote("700").last_price, "0.97")
+    broker.place_stop_order(stop("700", 300, trigger, client_order_id="stop"))
+    exchange.apply_shock("700", -0.10)  # the bar in progress and every later bar drop 10 %
+    assert exchange.quote("700").last_price < trigger
+
+    clock.now = at(DAY, 10, 0, 59)  # the placing minute's bar never triggers the order placed in it
+    assert broker.find_order("stop").status is OrderStatus.SUBMITTED  # type: ignore[union-attr]
+    assert broker.positions()[0].quantity == 300
+
+    clock.now = at(DAY, 10, 1, 5)
+    filled = broker.find_order("stop")
+    [bar] = [b for b in exchange.klines("700", "1m", 3) if b.time == at(DAY, 10, 1)]
+    assert bar.open < trigger  # the shock gapped the 10:01 bar below the trigger ...
+    assert filled is not None and filled.status is OrderStatus.FILLED and filled.filled_quantity == 300
+    assert filled.avg_fill_price == bar.open  # ... so the market sell fills there, worse than the trigger
+    assert filled.updated_at == at(DAY, 10, 1) and filled.order_type is OrderType.STOP
+    assert broker.positions() == [] and broker.open_orders() == []
+    costs = hkex.trading_costs(bar.open * 300, D("0.0003"), D(3)).total
+    assert broker.account().cash == cash_after_buy + bar.open * 300 - costs
+
+
+def _first_clean_touch(exchange: SimExchange, placed: datetime) -> tuple[str, Decimal, Bar]:
+    """A symbol, a trigger under its price at ``placed`` and the first later bar that trades down through it
+    after opening above it (so the stop fills exactly at the trigger), read from a later view of the market."""
+    _, future, _ = make(at(placed.date(), 16, 30))
+    for symbol in exchange.index_constituents("ALL"):
+        last = exchange.quote(symbol).last_price
+        later = [b for b in future.klines(symbol, "1m", 400) if b.time > placed and b.time.date() == placed.date()]
+        lowest_so_far = last
+        for i, bar in enumerate(later[:120]):
+            if i >= 3 and bar.low < lowest_so_far and bar.open > bar.low:
+                return symbol, bar.low, bar
+            lowest_so_far = min(lowest_so_far, bar.low)
+    pytest.fail("no symbol made a fresh low after 10:00")  # pragma: no cover - the market for seed 42 does
+
+
+def test_stop_fills_at_its_trigger_when_a_bar_trades_through_it() -> None:
+    placed = at(DAY, 10, 0, 20)
+    clock, exchange, broker = real(placed)
+    symbol, trigger, touch = _first_clean_touch(exchange, placed)
+    lot = exchange.instrument(symbol).lot_size  # type: ignore[union-attr]
+    broker.place_order(request(symbol, Side.BUY, lot))
+    assert trigger < exchange.quote(symbol).last_price
+    broker.place_stop_order(stop(symbol, lot, trigger, client_order_id="exact"))
+
+    clock.now = touch.time - timedelta(seconds=1)  # every earlier bar stayed above the trigger
+    assert broker.find_order("exact").status is OrderStatus.SUBMITTED  # type: ignore[union-attr]
+    clock.now = touch.time + timedelta(seconds=1)
+    filled = broker.find_order("exact")
+    assert filled is not None and filled.status is OrderStatus.FILLED
+    assert (filled.avg_fill_price, filled.updated_at) == (trigger, touch.time)
+    assert broker.positions() == []
+
+
+def test_stop_limit_fills_within_its_limit_or_rests_as_a_limit_sell() -> None:
+    clock, exchange, broker = real(at(DAY, 10, 0, 20))
+    broker.place_order(request("700", Side.BUY, 300))
+    last = exchange.quote("700").last_price
+    trigger, tight, loose = below(last, "0.97"), below(last, "0.96"), below(last, "0.85")
+    tight_order = broker.place_stop_order(stop("700", 100, trigger, tight, client_order_id="tight"))
+    broker.place_stop_order(stop("700", 100, trigger, loose, client_order_id="loose"))
+    assert (tight_order.order_type, tight_order.aux_price, tight_order.limit_price) == (
+        OrderType.STOP_LIMIT,
+        trigger,
+        tight,
+    )
+    exchange.apply_shock("700", -0.10)
+
+    clock.now = at(DAY, 10, 1, 5)
+    [gap_bar] = [b for b in exchange.klines("700", "1m", 3) if b.time == at(DAY, 10, 1)]
+    assert tight > gap_bar.open >= loose
+    loose_fill = broker.find_order("loose")
+    assert loose_fill is not None and loose_fill.status is OrderStatus.FILLED
+    assert loose_fill.avg_fill_price == gap_bar.open  # inside its limit: sold at the gap
+    tight_now = broker.find_order("tight")
+    assert tight_now is not None and tight_now.status is OrderStatus.SUBMITTED  # the gap skipped its limit
+    assert broker.positions()[0].sellable_quantity == 100  # the triggered stop-limit still holds its shares
+
+    clock.now = at(DAY, 10, 30, 30)
+    assert broker.find_order("tight").status is OrderStatus.SUBMITTED  # type: ignore[union-attr]
+    exchange.apply_shock("700", 0.12)  # the price comes back above the limit
+    clock.now = at(DAY, 10, 31, 5)
+    recovered = [b for b in exchange.klines("700", "1m", 40) if b.time > gap_bar.time and b.high >= tight]
+    first = recovered[0]
+    assert first.time >= at(DAY, 10, 30)  # nothing reached the limit before the recovery
+    tight_fill = broker.find_order("tight")
+    assert tight_fill is not None and tight_fill.status is OrderStatus.FILLED
+    assert tight_fill.avg_fill_price == max(first.open, tight) and tight_fill.updated_at == first.time
+    assert broker.positions()[0].quantity == 100 and broker.open_orders() == []
+
+
+def test_untriggered_stop_expires_at_the_close() -> None:
+    clock, exchange, broker = real(at(DAY, 10, 0))
+    broker.place_order(request("700", Side.BUY, 100))
+    placed = broker.place_stop_order(stop("700", 100, below(exchange.quote("700").last_price, "0.5")))
+    clock.now = at(DAY, 15, 59)
+    assert broker.open_orders() == [placed]
+    clock.now = at(DAY, 16, 0, 1)
+    assert broker.open_orders() == []
+    expired = broker.find_order(placed.client_order_id or "")
+    assert expired is not None and expired.status is OrderStatus.CANCELLED
+    assert expired.message.startswith("Stop expired at the close of 2025-11-20 without filling")
+    assert broker.positions()[0].sellable_quantity == 100
+
+
+def _real_rejections() -> list[tuple[str, object, str]]:
+    # Each row: (name, how to build the request from the last price of 0700, expected wording).
+    return [
+        ("trigger at the market", lambda last: stop("700", 100, last), "would trigger at once; set the trigger below"),
+        ("trigger above", lambda last: stop("700", 100, last + D(5)), "is at or above the last price"),
+        (
+            "buy stop",
+            lambda last: request("700", Side.BUY, 100, order_type=OrderType.STOP, aux=last + D(5)),
+            "buy stops",
+        ),
+        ("no trigger", lambda last: request("700", Side.SELL, 100, order_type=OrderType.STOP), "needs a trigger price"),
+        (
+            "off-tick trigger",
+            lambda last: stop("700", 100, below(last, "0.9") + D("0.1")),
+            "trigger price .* tick grid",
+        ),
+        ("odd lot", lambda last: stop("700", 150, below(last, "0.9")), "multiple of the 100-share board lot"),
+        ("more than held", lambda last: stop("700", 400, below(last, "0.9")), "only 300 shares are sellable"),
+        ("nothing held", lambda last: stop("5", 400, D("50.00")), "only 0 shares are sellable"),
+        ("limit above trigger", lambda last: stop("700", 100, below(last, "0.9"), last), "at or below its trigger"),
+        (
+            "stop-limit without a limit",
+            lambda last: request("700", Side.SELL, 100, order_type=OrderType.STOP_LIMIT, aux=below(last, "0.9")),
+            "a stop_limit order needs a limit price",
+        ),
+        (
+            "off-tick limit",
+            lambda last: stop("700", 100, below(last, "0.9"), below(last, "0.8") + D("0.1")),
+            r"price \d+\.\d+ is not on the HKEX tick grid",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("name", "build", "message"), _real_rejections(), ids=[r[0] for r in _real_rejections()])
+def test_real_stop_rejections_leave_the_account_unchanged(
+    name: str, build: object, message: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "sim.json"
+    _, exchange, broker = real(at(DAY, 10, 0), state_file=state)
+    broker.place_order(request("700", Side.BUY, 300))
+    before = account_snapshot(broker)
+    file_before = state.read_bytes()
+    order = build(exchange.quote("700").last_price)  # type: ignore[operator]
+    with pytest.raises(OrderRejected, match=message) as info:
+        broker.place_order(order)
+    assert "No order was sent" in str(info.value) and info.value.code
+    assert account_snapshot(broker) == before
+    assert state.read_bytes() == file_before
+
+
+def test_place_stop_order_accepts_only_stop_types() -> None:
+    _, exchange, broker = real(at(DAY, 10, 0))
+    broker.place_order(request("700", Side.BUY, 100))
+    with pytest.raises(OrderRejected, match="as a stop order: its type must be stop or stop_limit") as info:
+        broker.place_stop_order(request("700", Side.SELL, 100, exchange.quote("700").last_price))
+    assert info.value.code == "not_a_stop" and broker.open_orders() == []
+
+
+def test_stops_persist_and_trigger_across_instances(tmp_path: Path) -> None:
+    state = tmp_path / "real.json"
+    clock, exchange, broker = real(at(DAY, 10, 0, 20), state_file=state)
+    broker.place_order(request("700", Side.BUY, 300))
+    trigger = below(exchange.quote("700").last_price, "0.97")
+    placed = broker.place_stop_order(stop("700", 300, trigger, client_order_id="kept"))
+    saved = json.loads(state.read_text())
+    assert saved["account_kind"] == "real"
+    [stored] = [o for o in saved["orders"] if o["order_type"] == "stop"]
+    assert D(stored["aux_price"]) == trigger and stored["status"] == "submitted"
+
+    # The next cron run: a new process on the same file sees the resting stop and its reservation.
+    later_clock, reopened, broker2 = real(at(DAY, 10, 0, 20), state_file=state)
+    assert broker2.account_id == "SIM-REAL-42" and broker2.open_orders() == [placed]
+    assert broker2.positions() == broker.positions() and broker2.positions()[0].sellable_quantity == 0
+    reopened.apply_shock("700", -0.10)
+    later_clock.now = at(DAY, 10, 1, 5)
+    fill = broker2.find_order("kept")
+    assert fill is not None and fill.status is OrderStatus.FILLED and fill.avg_fill_price < trigger  # type: ignore[operator]
+    clock.now = at(DAY, 10, 1, 5)
+    assert broker.find_order("kept") == fill and broker.positions() == []  # the first instance reads the fill
+
+    with pytest.raises(ConfigError, match=r"holds a real account \(seed 42\); it cannot be opened as a paper"):
+        make(at(DAY, 10, 1, 5), state_file=state)
+
+
+def test_version_1_state_file_loads_as_a_paper_account(tmp_path: Path) -> None:
+    state = tmp_path / "v1.json"
+    _, _, paper = make(at(DAY, 10, 0), state_file=state)
+    paper.place_order(request("700", Side.BUY, 100))
+    old = json.loads(state.read_text())
+    old["version"] = 1
+    del old["account_kind"]  # what the code before REAL-flavoured accounts wrote
+    state.write_text(json.dumps(old))
+
+    _, _, reopened = make(at(DAY, 10, 0), state_file=state)
+    assert reopened.positions() == paper.positions() and reopened.account().is_paper
+    reopened.place_order(request("700", Side.BUY, 100))
+    saved = json.loads(state.read_text())
+    assert (saved["version"], saved["account_kind"]) == (2, "paper")  # rewritten in the current version
+    with pytest.raises(ConfigError, match="holds a paper account"):
+        real(at(DAY, 10, 0), state_file=state)
