@@ -17,6 +17,7 @@ import structlog
 
 import safety
 import tools
+from brokers import hkex
 from brokers.base import Account, Broker, Clock, Order, OrderRequest, OrderStatus, OrderType, Position, Quote, Side
 from config.errors import AgentError, BrokerTemporaryError, BrokerUnavailable, OrderRejected, OrderStateUnknown
 from config.settings import Settings
@@ -47,6 +48,13 @@ def compact(value: Any) -> Any:
     if hasattr(value, "value") and isinstance(value.value, str):  # enums
         return value.value
     return value
+
+
+def untrusted_names(row: dict[str, Any]) -> dict[str, Any]:
+    """Company names come from outside: they travel as ``name_untrusted`` (rule 18; see the system prompt)."""
+    if "name" in row:
+        row = {("name_untrusted" if k == "name" else k): v for k, v in row.items()}
+    return row
 
 
 class BrokerView:
@@ -134,10 +142,10 @@ class ToolExecutor:
     # ---------------------------------------------------------------- reads
     def scan_market(self, a: tools.ScanMarketInput) -> Any:
         rows = self.ctx.market.scan(a.index, a.limit)
-        return {"index": a.index, "candidates": [compact(r) for r in rows]}
+        return {"index": a.index, "candidates": [untrusted_names(compact(r)) for r in rows]}
 
     def get_quote(self, a: tools.GetQuoteInput) -> Any:
-        return compact(self.ctx.market.quote(a.symbol))
+        return untrusted_names(compact(self.ctx.market.quote(a.symbol)))
 
     def get_technicals(self, a: tools.GetTechnicalsInput) -> Any:
         return compact(self.ctx.market.technicals(a.symbol, a.timeframe))
@@ -409,11 +417,18 @@ def close_position(ctx: CycleContext, symbol: str, reason: str) -> Order:
     held = ctx.view.positions().get(symbol)
     if held is None or held.sellable_quantity <= 0:
         raise OrderRejected(f"Could not close {symbol}: no sellable position. No order was sent.")
+    quote = ctx.view.quote(symbol)
+    quantity = hkex.floor_to_lots(held.sellable_quantity, quote.lot_size) if quote else held.sellable_quantity
+    if quantity <= 0:
+        raise OrderRejected(
+            f"Could not close {symbol}: {held.sellable_quantity} shares are less than one board lot "
+            f"({quote.lot_size if quote else '?'}); odd lots trade only on the odd-lot market. No order was sent."
+        )
     request = OrderRequest(
         client_order_id=ctx.new_client_order_id(),
         symbol=symbol,
         side=Side.SELL,
-        quantity=held.sellable_quantity,
+        quantity=quantity,
         order_type=OrderType.MARKET,
     )
     order = place_order_write_ahead(ctx, request, reason=reason)
@@ -537,23 +552,25 @@ class ToolGate:
         self.ctx = ctx
         self.executor = ToolExecutor(ctx)
 
-    def verdict(self, spec: tools.ToolSpec, args: tools.ToolInput) -> safety.Verdict | None:
-        """The safety verdict for a call, or None for reads that need none."""
+    def verdict(self, args: tools.ToolInput) -> tuple[safety.Verdict | None, safety.RiskState | None]:
+        """The safety verdict for a call and the state it was judged on; (None, None) for plain reads."""
         limits = self.ctx.settings.risk
         if isinstance(args, tools.CheckRiskInput | tools.ExecuteTradeInput):
             state = risk_state(self.ctx, args.symbol)
             proposal = _proposal(args)
             if isinstance(args, tools.CheckRiskInput):
-                return safety.evaluate_trade(proposal, state, limits)
-            return safety.evaluate_execute(proposal, state, limits)
+                return safety.evaluate_trade(proposal, state, limits), state
+            return safety.evaluate_execute(proposal, state, limits), state
         if isinstance(args, tools.ClosePositionInput):
-            return safety.evaluate_close(args.symbol, risk_state(self.ctx, args.symbol), limits)
+            state = risk_state(self.ctx, args.symbol)
+            return safety.evaluate_close(args.symbol, state, limits), state
         if isinstance(args, tools.CloseAllInput):
-            return safety.evaluate_close_all(risk_state(self.ctx, None), limits)
+            state = risk_state(self.ctx, None)
+            return safety.evaluate_close_all(state, limits), state
         if isinstance(args, tools.SendAlertInput):
             state = risk_state(self.ctx, None)
-            return safety.evaluate_alert(args.subject, args.message, state, limits)
-        return None
+            return safety.evaluate_alert(args.subject, args.message, state, limits), state
+        return None, None
 
     def handle(self, name: str, raw_input: Any) -> ToolOutcome:
         self.ctx.seq += 1
@@ -600,15 +617,27 @@ class ToolGate:
 
     def _run(self, spec: tools.ToolSpec, args: tools.ToolInput) -> ToolOutcome:
         try:
-            verdict = self.verdict(spec, args)
+            verdict, state = self.verdict(args)
+        except Exception as exc:  # no verdict means no permission
+            log.error("verdict_failed", tool=spec.name, error=str(exc))
+            return ToolOutcome(
+                {"error": f"could not judge {spec.name}: {exc}"}, is_error=True, allowed=False,
+                reason=f"no verdict: {type(exc).__name__}",
+            )  # fmt: skip
+        try:
             if isinstance(args, tools.CheckRiskInput):
-                assert verdict is not None
+                assert verdict is not None and state is not None
                 if verdict.allowed:
-                    self.ctx.approvals.append(safety.approval_from(_proposal(args), risk_state(self.ctx, args.symbol)))
+                    self.ctx.approvals.append(safety.approval_from(_proposal(args), state))
                 return ToolOutcome(verdict.to_result(), is_error=False, allowed=verdict.allowed, reason=verdict.reason)
             if verdict is not None and not verdict.allowed:
                 result = {"error": f"{spec.name} blocked by the risk rules", **verdict.to_result()}
                 return ToolOutcome(result, is_error=True, allowed=False, reason=verdict.reason)
+            if isinstance(args, tools.ExecuteTradeInput) and state is not None:
+                # An approval authorises one execution, not a series of them.
+                used = safety.matching_approval(_proposal(args), state, self.ctx.settings.risk)
+                if used is not None and used in self.ctx.approvals:
+                    self.ctx.approvals.remove(used)
             method = getattr(self.executor, spec.name)
             result = method(args, verdict) if spec.kind != "read" else method(args)
             return ToolOutcome(result, is_error=False, allowed=True, reason=verdict.reason if verdict else "allowed")
