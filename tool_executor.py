@@ -178,7 +178,11 @@ class ToolExecutor:
             order_type=order_type,
             limit_price=limit,
         )
+        if side == Side.SELL:
+            cancel_broker_stop(self.ctx, a.symbol)  # its shares are what this order sells
         order = place_order_write_ahead(self.ctx, request, stop_loss=stop, take_profit=target, reason=a.reason)
+        if side == Side.SELL:
+            arm_broker_stop(self.ctx, a.symbol)  # the rest of the position keeps a broker-side stop (REAL)
         # The stop a position lives under is recorded as soon as the entry is working (a dry run records
         # nothing: it must never touch the stops of the real account). The guard enforces it in paper; in a
         # REAL account a broker-side stop order is armed once shares are held.
@@ -492,18 +496,37 @@ def portfolio_summary(ctx: CycleContext) -> dict[str, Any]:
     )
 
 
+def _without_protective_stops(ctx: CycleContext) -> tuple[dict[str, Position], list[Order]]:
+    """Positions and open orders as the rules should see them in a REAL account: our own broker-side stop is
+    cancelled before any sell of its position, so its shares count as sellable and it is not "an open sell"."""
+    positions, orders = ctx.view.positions(), ctx.view.open_orders()
+    stop_ids = {s.broker_stop_order_id for s in ctx.journal.protective_stops().values() if s.broker_stop_order_id}
+    if not stop_ids:
+        return positions, orders
+    adjusted = dict(positions)
+    for order in orders:
+        if order.broker_order_id in stop_ids and order.is_active and order.symbol in adjusted:
+            held = adjusted[order.symbol]
+            freed = order.quantity - order.filled_quantity
+            adjusted[order.symbol] = held.model_copy(
+                update={"sellable_quantity": min(held.quantity, held.sellable_quantity + freed)}
+            )
+    return adjusted, [o for o in orders if o.broker_order_id not in stop_ids]
+
+
 def risk_state(ctx: CycleContext, symbol: str | None) -> safety.RiskState:
     """Gather what the rules look at, for one call. Reads are cached per cycle in ``BrokerView``."""
     status: MarketStatus = ctx.market_status()
     commission_pct, min_commission = ctx.settings.broker.commission
+    positions, open_orders = _without_protective_stops(ctx)
     return safety.RiskState(
         now=ctx.clock(),
         is_continuous=status.is_continuous,
         minutes_to_close=status.minutes_to_close,
         market_description=status.description,
         account=ctx.view.account(),
-        positions=ctx.view.positions(),
-        open_orders=ctx.view.open_orders(),
+        positions=positions,
+        open_orders=open_orders,
         quote=ctx.view.quote(symbol) if symbol else None,
         trades_today=ctx.journal.count_trades_on(ctx.trading_date),
         start_of_day_equity=ctx.journal.start_of_day_equity(ctx.trading_date),

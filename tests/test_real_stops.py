@@ -217,3 +217,72 @@ def test_real_stop_above_the_market_comes_back_as_a_clear_rejection(
     assert "No order was sent" in str(info.value)
     assert fake.count(TRD_PLACE_ORDER) == 2  # entry + the refused stop; the refusal was not retried
     assert real_broker.open_orders() == [] and client.positions()[0].sellable_quantity == 100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The agent's own path in a REAL account: the executor arms the stop after the entry fills; the guard finds a
+# vanished stop and re-arms it. Our code runs in-process (the REAL switch refuses --now on the command line),
+# against the real futu-api client and the fake OpenD.
+
+
+def agent_run(journal, settings, mode: str):
+    import uuid
+
+    from agent import Run
+    from data.alerts import Alerter
+
+    run = Run(run_id=uuid.uuid4().hex, journal=journal)
+    run.cycle_id = journal.start_cycle(
+        run_id=run.run_id, mode=mode, broker="futu", brain="none", model=None, started_at=START,
+        trading_date=START.date(),
+    )  # fmt: skip
+    run.alerter = Alerter(settings.alerts, None, journal)
+    return run
+
+
+def test_the_agent_arms_a_broker_stop_after_an_entry_and_the_guard_rearms_a_vanished_one(
+    client: FutuClient, real_exchange: SimExchange, real_broker: SimBroker, clock: Clock, journal
+) -> None:
+    import structlog
+
+    import agent
+    from config.settings import Settings
+    from tool_executor import ToolGate
+
+    settings = Settings.model_validate({"broker": {"name": "futu", "futu": {"trd_env": "REAL"}}})
+    log = structlog.get_logger("test")
+    run = agent_run(journal, settings, "trade")
+    ctx = agent.make_context(settings, run, client, client, clock, dry_run=False)
+    gate = ToolGate(ctx)
+    quote = real_exchange.quote(TENCENT)
+    entry = quote.ask_price
+    stop = hkex.round_to_tick(entry * Decimal("0.97"), Side.BUY, START.date())
+    target = hkex.round_to_tick(entry * Decimal("1.08"), Side.SELL, START.date())
+    trade = {"symbol": "700", "side": "buy", "quantity": 100, "stop_loss": float(stop), "take_profit": float(target)}
+    approved = gate.handle("check_risk", {**trade, "entry_price": float(entry)})
+    assert approved.allowed, approved.result
+    placed = gate.handle("execute_trade", {**trade, "limit_price": float(entry)})
+    assert placed.allowed and not placed.is_error, placed.result
+
+    armed = journal.protective_stops()[TENCENT]
+    assert armed.broker_stop_order_id
+    (stop_order,) = [o for o in real_broker.open_orders() if o.order_type is OrderType.STOP]
+    assert (stop_order.aux_price, stop_order.quantity) == (stop, 100)
+    assert stop_order.broker_order_id == armed.broker_stop_order_id
+
+    # The stop vanishes at the broker (cancelled in the app, expired...): the guard puts it back.
+    real_broker.cancel_order(stop_order.broker_order_id)
+    clock.now += timedelta(minutes=5)
+    guard_run = agent_run(journal, settings, "guard")
+    assert agent.run_guard(settings, guard_run, client, client, clock, log) == agent.EXIT_OK
+    (rearmed,) = [o for o in real_broker.open_orders() if o.order_type is OrderType.STOP]
+    assert rearmed.broker_order_id != stop_order.broker_order_id and rearmed.aux_price == stop
+    assert journal.protective_stops()[TENCENT].broker_stop_order_id == rearmed.broker_order_id
+    assert "broker stop re-armed" in (journal.get_cycle(guard_run.cycle_id).summary or "")
+    assert "guard_action" in [a.event for a in journal.alerts_since(START - timedelta(days=1))]
+
+    # Closing the position cancels the broker stop first, so the two can never both sell.
+    closed = gate.handle("close_position", {"symbol": "700", "reason": "done"})
+    assert not closed.is_error, closed.result
+    assert [o for o in real_broker.open_orders() if o.order_type is OrderType.STOP] == []
+    assert real_broker.positions() == []
