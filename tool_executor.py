@@ -207,7 +207,14 @@ class ToolExecutor:
         return order_result(close_position(self.ctx, a.symbol, a.reason))
 
     def close_all(self, a: tools.CloseAllInput, verdict: safety.Verdict | None = None) -> Any:
-        return {"closed": [order_result(o) for o in close_all(self.ctx, a.reason)]}
+        orders = close_all(self.ctx, a.reason)
+        self.ctx.alerter.send(
+            "Emergency close of all positions",
+            f"The model closed every position ({len(orders)} order(s)): {a.reason}",
+            priority="high",
+            event="emergency_close",
+        )
+        return {"closed": [order_result(o) for o in orders]}
 
     def send_alert(self, a: tools.SendAlertInput, verdict: safety.Verdict | None = None) -> Any:
         outcome = self.ctx.alerter.send(a.subject, a.message, priority=a.priority, event="model")

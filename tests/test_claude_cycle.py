@@ -122,3 +122,54 @@ def test_model_api_failure_marks_the_cycle_error(
     assert "run_failed" in run.output and "not a model id" in run.output
     (cycle,) = journal.cycles_on(date(2026, 11, 20))
     assert cycle.status == "error" and "ModelAPIError" in (cycle.error or "")
+
+
+def test_cost_accounting_adds_up_for_known_usage(
+    project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI
+) -> None:
+    usages = [
+        {"input_tokens": 1200, "output_tokens": 150, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 0},
+        {"input_tokens": 400, "output_tokens": 90, "cache_creation_input_tokens": 500, "cache_read_input_tokens": 3000},
+        {"input_tokens": 300, "output_tokens": 60, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3500},
+    ]
+    fake_api.enqueue(
+        message([tool_use("get_portfolio", {}, id="u1")], usage=usages[0]),
+        message([tool_use("log_decision", {"decision": "hold", "reasoning": "nothing"}, id="u2")], usage=usages[1]),
+        message([text("Done.")], usage=usages[2]),
+    )
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", IN_SESSION, env={**project_env, **fake_api.env()})
+    assert run.returncode == 0, run.output
+    (cycle,) = journal.cycles_on(date(2026, 11, 20))
+    assert (cycle.input_tokens, cycle.output_tokens, cycle.cache_write_tokens, cycle.cache_read_tokens) == (
+        1900,
+        300,
+        3500,
+        6500,
+    )
+    # claude-sonnet-5-5 at $3 in, $15 out, $0.30 cache read, $3.75 cache write per million tokens:
+    expected = (1900 * 3.00 + 300 * 15.00 + 6500 * 0.30 + 3500 * 3.75) / 1_000_000
+    assert float(cycle.cost_usd) == pytest.approx(expected, abs=1e-9)  # 0.0277725 USD
+
+
+def test_the_static_prefix_carries_the_cache_breakpoints() -> None:
+    import json
+
+    import tools
+    from brain import build_request, system_prompt
+    from config.settings import load_settings
+
+    settings = load_settings(env={})
+    system = system_prompt(settings)
+    messages = [{"role": "user", "content": "context"}]
+    body = build_request("claude-sonnet-5-5", 4096, tools.TOOLS, system, messages, caching=True)
+    marked_tools = [t["name"] for t in body["tools"] if "cache_control" in t]
+    assert marked_tools == ["log_decision"]  # only the last tool: one breakpoint covers them all
+    assert body["system"] == [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]
+    assert body["cache_control"] == {"type": "ephemeral"}  # the growing conversation is cached automatically
+    assert "cache_control" not in json.dumps(body["messages"])
+    # The prefix is static: no clock, no account data; and long enough to be cached (>= 1024 tokens).
+    assert "2026" not in system and "HK$1,000,000" not in system
+    assert (len(json.dumps(tools.TOOLS)) + len(system)) / 4 > 1024
+    off = build_request("claude-sonnet-5-5", 4096, tools.TOOLS, system, messages, caching=False)
+    assert "cache_control" not in json.dumps(off)
+    assert tools.TOOLS[-1].get("cache_control") is None  # the shared catalogue itself is never mutated
