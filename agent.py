@@ -370,6 +370,7 @@ def kill_switch_reason(settings: Any, journal: Any) -> str | None:
 def reconcile_orders(ctx: Any, log: Any) -> list[str]:
     """Settle orders the journal still thinks are live from the broker's answer; return the unresolved ones."""
     from brokers.base import OrderStatus
+    from tool_executor import record_order_state
 
     unresolved = []
     for row in ctx.journal.unresolved_orders():
@@ -385,14 +386,7 @@ def reconcile_orders(ctx: Any, log: Any) -> list[str]:
                 unresolved.append(row.client_order_id)
             continue
         if found.status != row.status or found.filled_quantity != row.filled_quantity:
-            ctx.journal.update_order(
-                row.client_order_id,
-                status=found.status,
-                broker_order_id=found.broker_order_id,
-                filled_quantity=found.filled_quantity,
-                avg_fill_price=found.avg_fill_price,
-                at=ctx.clock(),
-            )
+            record_order_state(ctx, row.client_order_id, found)
             log.info("order_reconciled", client_order_id=row.client_order_id, status=found.status.value)
         if found.status == OrderStatus.UNKNOWN:
             unresolved.append(row.client_order_id)

@@ -8,6 +8,7 @@ and the journal on the model's behalf. Orders are journalled (write-ahead) befor
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -252,8 +253,10 @@ def place_order_write_ahead(
     stop_loss: Decimal | None = None,
     take_profit: Decimal | None = None,
     reason: str = "",
+    send: Callable[[OrderRequest], Order] | None = None,
 ) -> Order:
-    """Journal the intent, send it, journal the answer. Never resends; an unclear fate becomes ``unknown``."""
+    """Journal the intent, send it (``send``: the broker's ``place_order`` unless given), journal the answer.
+    Never resends; an unclear fate becomes ``unknown``."""
     journal, now = ctx.journal, ctx.clock()
     journal.insert_order(
         OrderIntent(
@@ -283,7 +286,7 @@ def place_order_write_ahead(
         dry_run=ctx.dry_run,
     )
     try:
-        order = ctx.broker.place_order(request)
+        order = (send or ctx.broker.place_order)(request)
     except OrderRejected as exc:
         journal.update_order(
             request.client_order_id, status=OrderStatus.REJECTED, reason=str(exc)[:500], at=ctx.clock()
@@ -292,14 +295,7 @@ def place_order_write_ahead(
         raise
     except (BrokerTemporaryError, BrokerUnavailable, OrderStateUnknown, TimeoutError, OSError) as exc:
         order = _settle_unclear_order(ctx, request, exc)
-    journal.update_order(
-        request.client_order_id,
-        status=order.status,
-        broker_order_id=order.broker_order_id,
-        filled_quantity=order.filled_quantity,
-        avg_fill_price=order.avg_fill_price,
-        at=ctx.clock(),
-    )
+    record_order_state(ctx, request.client_order_id, order)
     ctx.view.invalidate()
     log.info(
         "order_dry_run" if order.status == OrderStatus.DRY_RUN else "order_submitted",
@@ -310,6 +306,18 @@ def place_order_write_ahead(
         avg_fill_price=str(order.avg_fill_price) if order.avg_fill_price is not None else None,
     )
     return order
+
+
+def record_order_state(ctx: CycleContext, client_order_id: str, order: Order) -> None:
+    """Write what the broker says about one of our orders into its journal row."""
+    ctx.journal.update_order(
+        client_order_id,
+        status=order.status,
+        broker_order_id=order.broker_order_id,
+        filled_quantity=order.filled_quantity,
+        avg_fill_price=order.avg_fill_price,
+        at=ctx.clock(),
+    )
 
 
 def _settle_unclear_order(ctx: CycleContext, request: OrderRequest, exc: Exception) -> Order:
@@ -360,42 +368,16 @@ def arm_broker_stop(ctx: CycleContext, symbol: str) -> Order | None:
         order_type=OrderType.STOP,
         aux_price=stop.stop_loss,
     )
-    journal, now = ctx.journal, ctx.clock()
-    journal.insert_order(
-        OrderIntent(
-            client_order_id=request.client_order_id,
-            cycle_id=ctx.cycle_id,
-            symbol=symbol,
-            side=Side.SELL,
-            quantity=held.quantity,
-            order_type=OrderType.STOP,
-            limit_price=None,
-            stop_loss=stop.stop_loss,
-            take_profit=stop.take_profit,
-            status=OrderStatus.PENDING,
-            reason="protective stop",
-            trading_date=now.date(),
-        )
-    )
-    ctx.orders_placed.append(request.client_order_id)
     try:
-        order = ctx.broker.place_stop_order(request)  # type: ignore[attr-defined]
+        order = place_order_write_ahead(
+            ctx, request, stop_loss=stop.stop_loss, take_profit=stop.take_profit, reason="protective stop",
+            send=ctx.broker.place_stop_order,  # type: ignore[attr-defined]
+        )  # fmt: skip
     except OrderRejected as exc:
-        journal.update_order(request.client_order_id, status=OrderStatus.REJECTED, reason=str(exc)[:500], at=now)
-        ctx.alerter.send(
-            f"Protective stop for {symbol} refused",
-            f"The broker refused the STOP sell {held.quantity} {symbol} @ {stop.stop_loss}: {exc}. "
-            "The guard enforces the stop instead; check the account.",
-            priority="high",
-            event="order_rejected",
-        )
+        # Journalled and alerted as a rejection; the guard keeps enforcing the stop from the journal.
+        log.warning("broker_stop_refused", symbol=symbol, error=str(exc))
         return None
-    except (BrokerTemporaryError, BrokerUnavailable, OrderStateUnknown) as exc:
-        order = _settle_unclear_order(ctx, request, exc)
-    journal.update_order(
-        request.client_order_id, status=order.status, broker_order_id=order.broker_order_id, at=ctx.clock()
-    )
-    journal.upsert_protective_stop(
+    ctx.journal.upsert_protective_stop(
         symbol,
         quantity=held.quantity,
         entry_price=stop.entry_price,
