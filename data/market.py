@@ -7,8 +7,9 @@ Layers, bottom up:
 - pure computations over numpy arrays: ``compute_technicals``, the chart-pattern detectors
   (``detect_bull_flag`` ...), ``detect_candlesticks`` and ``swing_low``;
 - ``MarketService``: what the tool executor calls. It talks to a ``brokers.base.MarketData`` source, batches
-  snapshot requests, caches K-lines in process and (optionally) in a persistent ``KlineCache``, and returns
-  small frozen models: the model never receives raw K-line arrays.
+  snapshot requests, reuses a snapshot for a few seconds (``quote_ttl_s``), reads index constituents once per
+  run, caches K-lines in process and (optionally) in a persistent ``KlineCache``, and returns small frozen
+  models: the model never receives raw K-line arrays.
 
 All times are Asia/Hong_Kong. Quote prices stay ``Decimal``; indicator values are rounded floats.
 """
@@ -16,6 +17,7 @@ All times are Asia/Hong_Kong. Quote prices stay ``Decimal``; indicator values ar
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import re
 import warnings
@@ -23,12 +25,11 @@ from collections.abc import Callable, Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from functools import cache
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import structlog
-import talib
 from pydantic import BaseModel, ConfigDict, Field
 
 from brokers.base import Bar, Clock, MarketData, MarketPhase, MarketState, Quote
@@ -451,6 +452,13 @@ def bars_to_arrays(bars: Sequence[Bar]) -> Ohlcv:
     )
 
 
+def _talib() -> Any:
+    # Imported when first used: TA-Lib (which imports pandas) costs start-up time the guard pass never needs.
+    import talib
+
+    return talib
+
+
 def _num(value: object, digits: int) -> float | None:
     if value is None:
         return None
@@ -501,6 +509,7 @@ def compute_technicals(
     digits = _price_digits(last)
     values: dict[str, float | None] = {}
     if len(close):
+        talib = _talib()
         values["rsi_14"] = _num(_last(talib.RSI(close, timeperiod=14)), 2)
         macd, signal, hist = talib.MACD(close, fastperiod=12, slowperiod=26, signalperiod=9)
         values["macd"] = _num(_last(macd), 4)
@@ -580,20 +589,21 @@ def scan_score(change_pct: float, volume_ratio: float | None) -> float:
 
 # --- candlesticks ---------------------------------------------------------------------------------------------
 
-_CANDLESTICKS: tuple[tuple[str, Callable[..., np.ndarray]], ...] = (
-    ("hammer", talib.CDLHAMMER),
-    ("inverted_hammer", talib.CDLINVERTEDHAMMER),
-    ("engulfing", talib.CDLENGULFING),
-    ("harami", talib.CDLHARAMI),
-    ("piercing", talib.CDLPIERCING),
-    ("dark_cloud_cover", talib.CDLDARKCLOUDCOVER),
-    ("morning_star", talib.CDLMORNINGSTAR),
-    ("evening_star", talib.CDLEVENINGSTAR),
-    ("shooting_star", talib.CDLSHOOTINGSTAR),
-    ("hanging_man", talib.CDLHANGINGMAN),
-    ("three_white_soldiers", talib.CDL3WHITESOLDIERS),
-    ("three_black_crows", talib.CDL3BLACKCROWS),
-    ("doji", talib.CDLDOJI),
+# (our name, TA-Lib function name): looked up when used, so importing this module does not import TA-Lib.
+_CANDLESTICKS: tuple[tuple[str, str], ...] = (
+    ("hammer", "CDLHAMMER"),
+    ("inverted_hammer", "CDLINVERTEDHAMMER"),
+    ("engulfing", "CDLENGULFING"),
+    ("harami", "CDLHARAMI"),
+    ("piercing", "CDLPIERCING"),
+    ("dark_cloud_cover", "CDLDARKCLOUDCOVER"),
+    ("morning_star", "CDLMORNINGSTAR"),
+    ("evening_star", "CDLEVENINGSTAR"),
+    ("shooting_star", "CDLSHOOTINGSTAR"),
+    ("hanging_man", "CDLHANGINGMAN"),
+    ("three_white_soldiers", "CDL3WHITESOLDIERS"),
+    ("three_black_crows", "CDL3BLACKCROWS"),
+    ("doji", "CDLDOJI"),
 )
 _NEUTRAL_CANDLES = frozenset({"doji"})  # TA-Lib reports +100 for a doji, which is indecision, not a signal
 
@@ -606,8 +616,9 @@ def detect_candlesticks(
     hits: list[CandleHit] = []
     if len(c) == 0:
         return hits
+    talib = _talib()
     for name, function in _CANDLESTICKS:
-        output = function(o, h, lo, c)
+        output = getattr(talib, function)(o, h, lo, c)
         for bars_ago in range(min(recent, len(c))):
             value = int(output[len(c) - 1 - bars_ago])
             if value == 0:
@@ -853,7 +864,7 @@ def detect_consolidation(
     """The last 10-30 bars sit in a tight, flat box with bar ranges shrinking against the bars before."""
     _o, h, lo, c, _v = _as_arrays(opens, highs, lows, closes, volumes)
     n = len(c)
-    true_range = talib.TRANGE(h, lo, c)
+    true_range = _talib().TRANGE(h, lo, c)
     for width in range(30, 9, -1):  # the longest box that qualifies
         if n < width + 10:
             continue
@@ -1091,7 +1102,22 @@ def _clean_name(name: str, limit: int = 60) -> str:
 
 
 class MarketService:
-    """Quotes, scans, K-lines, technicals and patterns over a ``MarketData`` source, with caching."""
+    """Quotes, scans, K-lines, technicals and patterns over a ``MarketData`` source, with caching.
+
+    Gateway requests are the scarce resource (Futu counts them per 30 s, and history K-lines per stock per 30
+    days), so the service batches and remembers:
+
+    - quotes: every snapshot it reads (a scan's included) is kept for ``quote_ttl_s`` seconds and served again
+      within that time, so ``get_quote`` after ``scan_market``, or the quote behind technicals and the risk
+      check, costs no request. A quote older than the TTL is never served; ``quote(..., fresh=True)`` and
+      ``invalidate()`` force a new read. ``quote_ttl_s=0`` turns the cache off.
+    - the broker's market state: kept for the same TTL.
+    - index constituents: read once per service (one process run); they change a few times a year.
+    - daily K-lines: in process and in the persistent ``KlineCache``; intraday bars for ``intraday_ttl_s``.
+
+    ``batch=False`` is the naive mode the benchmark compares against: one source request per symbol and no
+    constituent cache. Nothing else should use it.
+    """
 
     def __init__(
         self,
@@ -1100,21 +1126,34 @@ class MarketService:
         kline_cache: KlineCache | None = None,
         *,
         intraday_ttl_s: float = 60.0,
+        quote_ttl_s: float = 5.0,
+        batch: bool = True,
     ) -> None:
+        if quote_ttl_s < 0 or intraday_ttl_s < 0:
+            raise ValueError(
+                f"MarketService TTLs must be >= 0 seconds (quote_ttl_s={quote_ttl_s}, intraday_ttl_s={intraday_ttl_s})."
+            )
         self._source = source
         self._clock = clock
         self._kline_cache = kline_cache
         self._intraday_ttl = timedelta(seconds=intraday_ttl_s)
+        self._quote_ttl = timedelta(seconds=quote_ttl_s)
+        self._batch = batch
         self._memory: dict[tuple[str, str], _Cached] = {}
+        self._quotes: dict[str, tuple[datetime, Quote]] = {}
+        self._state: tuple[datetime, MarketState | None] | None = None
+        self._constituents: dict[str, tuple[str, ...]] = {}
 
     # --- quotes -----------------------------------------------------------------------------------------------
 
-    def quote(self, symbol: str) -> Quote:
-        """The latest snapshot of one symbol (any accepted form). Raises UnknownSymbol."""
-        return self.quotes([symbol])[0]
+    def quote(self, symbol: str, *, fresh: bool = False) -> Quote:
+        """The latest snapshot of one symbol (any accepted form), at most ``quote_ttl_s`` old; ``fresh`` reads it
+        from the source whatever the cache holds. Raises UnknownSymbol."""
+        return self.quotes([symbol], fresh=fresh)[0]
 
-    def quotes(self, symbols: Sequence[str]) -> list[Quote]:
-        """Snapshots of many symbols in one source call, in the order asked (duplicates once)."""
+    def quotes(self, symbols: Sequence[str], *, fresh: bool = False) -> list[Quote]:
+        """Snapshots of many symbols in the order asked (duplicates once): cached ones within the TTL, the rest
+        in one source call (unless ``fresh``, which reads them all). Raises UnknownSymbol naming the missing."""
         wanted: list[str] = []
         for text in symbols:
             symbol = _normalize(text)
@@ -1122,7 +1161,15 @@ class MarketService:
                 wanted.append(symbol)
         if not wanted:
             return []
-        found = {quote.symbol: quote for quote in self._source.snapshots(wanted)}
+        now = self._clock()
+        found: dict[str, Quote] = {}
+        for symbol in wanted:
+            hit = None if fresh else self._cached_quote(symbol, now)
+            if hit is not None:
+                found[symbol] = hit
+        to_read = [symbol for symbol in wanted if symbol not in found]
+        if to_read:
+            found.update(self._read_quotes(to_read, now))
         missing = [symbol for symbol in wanted if symbol not in found]
         if missing:
             raise UnknownSymbol(
@@ -1133,19 +1180,80 @@ class MarketService:
             )
         return [found[symbol] for symbol in wanted]
 
+    def invalidate(self, symbols: Sequence[str] | None = None) -> None:
+        """Forget cached quotes (all, or only ``symbols``) and the broker's market state: the next read asks the
+        source. Call it after anything that may have moved the market for us, e.g. an order fill."""
+        self._state = None
+        if symbols is None:
+            self._quotes.clear()
+            return
+        for text in symbols:
+            with contextlib.suppress(UnknownSymbol):
+                self._quotes.pop(_normalize(text), None)
+
+    def _is_fresh(self, fetched_at: datetime, now: datetime) -> bool:
+        # A clock that went backwards (NTP step) makes the entry stale rather than younger.
+        return fetched_at <= now < fetched_at + self._quote_ttl
+
+    def _cached_quote(self, symbol: str, now: datetime) -> Quote | None:
+        entry = self._quotes.get(symbol)
+        if entry is None or not self._is_fresh(entry[0], now):
+            return None
+        return entry[1]
+
+    def _read_quotes(self, symbols: list[str], now: datetime) -> dict[str, Quote]:
+        """Ask the source (one call, or one per symbol in naive mode) and remember what came back.
+
+        The entries are stamped with the time the request was made, so their age is never understated.
+        """
+        if self._batch:
+            quotes = self._source.snapshots(symbols)
+        else:
+            quotes = [quote for symbol in symbols for quote in self._source.snapshots([symbol])]
+        found = {quote.symbol: quote for quote in quotes}
+        if self._quote_ttl > timedelta(0):
+            for symbol, quote in found.items():
+                self._quotes[symbol] = (now, quote)
+        return found
+
+    # --- market state -----------------------------------------------------------------------------------------
+
+    def market_state(self) -> MarketState | None:
+        """The broker's market phase (``MarketData.market_state``), read at most once per ``quote_ttl_s``."""
+        now = self._clock()
+        if self._state is not None and self._is_fresh(self._state[0], now):
+            return self._state[1]
+        state = self._source.market_state()
+        if self._quote_ttl > timedelta(0):
+            self._state = (now, state)
+        return state
+
     # --- scan -------------------------------------------------------------------------------------------------
 
-    def scan(self, index: str = "HSI", limit: int = 10) -> list[ScanRow]:
-        """The index's tradable constituents ranked by ``scan_score``; ``limit`` is capped to 1..50."""
+    def index_constituents(self, index: str) -> list[str]:
+        """The symbols of ``index`` (HSI, HSCEI, HSTECH or ALL), read from the source once per service."""
         name = index.strip().upper()
         if name not in INDEXES:
             raise ValueError(f"Cannot scan index {index!r}: choose one of {', '.join(INDEXES)}.")
+        cached = self._constituents.get(name)
+        if cached is None:
+            cached = tuple(dict.fromkeys(self._source.index_constituents(name)))
+            if self._batch:
+                self._constituents[name] = cached
+        return list(cached)
+
+    def scan(self, index: str = "HSI", limit: int = 10) -> list[ScanRow]:
+        """The index's tradable constituents ranked by ``scan_score``; ``limit`` is capped to 1..50.
+
+        A scan always reads fresh snapshots (one request for the whole index) and leaves them in the quote
+        cache, so the quotes the model asks for next cost nothing within the TTL.
+        """
+        constituents = self.index_constituents(index)
         limit = max(1, min(SCAN_MAX_LIMIT, int(limit)))
-        constituents = list(dict.fromkeys(self._source.index_constituents(name)))
         if not constituents:
             return []
         rows: list[tuple[float, Quote, float]] = []
-        for quote in self._source.snapshots(constituents):
+        for quote in self._read_quotes(constituents, self._clock()).values():
             if quote.suspended or not quote.is_equity or quote.last_price <= 0:
                 continue
             change_pct = 0.0

@@ -7,6 +7,7 @@ import math
 from collections import Counter
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -220,6 +221,7 @@ class CountingSource:
         return self.inner.news(symbol, since)
 
     def market_state(self) -> MarketState | None:
+        self.calls["market_state"] += 1
         return self.inner.market_state()
 
 
@@ -227,10 +229,12 @@ FRIDAY_MORNING = datetime(2026, 11, 20, 10, 15, tzinfo=HKT)
 SATURDAY = datetime(2026, 11, 21, 10, 0, tzinfo=HKT)
 
 
-def make_service(now: datetime, cache: KlineCache | None = None) -> tuple[MarketService, CountingSource, MutableClock]:
+def make_service(
+    now: datetime, cache: KlineCache | None = None, **options: Any
+) -> tuple[MarketService, CountingSource, MutableClock]:
     clock = MutableClock(now)
     source = CountingSource(SimExchange(seed=42, clock=clock))
-    return MarketService(source, clock, cache), source, clock
+    return MarketService(source, clock, cache, **options), source, clock
 
 
 def test_quotes_for_many_symbols_make_exactly_one_snapshot_call() -> None:
@@ -410,3 +414,145 @@ def test_a_failing_persistent_cache_falls_back_to_the_source() -> None:
     fresh, fresh_source, _ = make_service(SATURDAY, BrokenCache())
     assert fresh.klines("700", "1d", 30) == bars
     assert fresh_source.calls["klines"] == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The short-lived quote cache (fake clock: nothing sleeps)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_second_quote_within_the_ttl_asks_the_source_nothing() -> None:
+    service, source, clock = make_service(FRIDAY_MORNING, quote_ttl_s=5)
+    first = service.quote("700")
+    clock.now = FRIDAY_MORNING + timedelta(seconds=4.9)
+    assert service.quote("HK.00700") is first
+    assert service.quotes(["0700", "700"]) == [first]
+    assert source.calls["snapshots"] == 1
+
+
+def test_a_quote_is_never_served_once_the_ttl_has_passed() -> None:
+    service, source, clock = make_service(FRIDAY_MORNING, quote_ttl_s=5)
+    first = service.quote("700")
+    clock.now = FRIDAY_MORNING + timedelta(seconds=5)  # exactly the TTL: already too old
+    service.quote("700")
+    assert source.calls["snapshots"] == 2
+    clock.now = FRIDAY_MORNING + timedelta(minutes=2)  # a later minute bar: the source's new price comes back
+    later = service.quote("700")
+    assert source.calls["snapshots"] == 3
+    assert later == source.inner.quote("HK.00700") and later.updated_at > first.updated_at
+
+
+def test_a_clock_that_steps_back_makes_the_cached_quote_stale() -> None:
+    service, source, clock = make_service(FRIDAY_MORNING, quote_ttl_s=5)
+    service.quote("700")
+    clock.now = FRIDAY_MORNING - timedelta(seconds=1)
+    service.quote("700")
+    assert source.calls["snapshots"] == 2
+
+
+def test_fresh_and_invalidate_force_a_new_read() -> None:
+    service, source, _ = make_service(FRIDAY_MORNING, quote_ttl_s=5)
+    before = service.quote("700")
+    service.quote("5")
+    source.inner.apply_shock("HK.00700", -0.05)
+    assert service.quote("700") is before  # within the TTL the cache still answers
+    shocked = service.quote("700", fresh=True)
+    assert shocked.last_price < before.last_price
+    assert source.calls["snapshots"] == 3
+    service.invalidate(["HK.00005"])
+    service.quotes(["700", "5"])  # 700 still cached, 5 forgotten: one request for 5 alone
+    assert source.calls["snapshots"] == 4 and source.snapshot_sizes[-1] == 1
+    service.invalidate()
+    service.quotes(["700", "5"])
+    assert source.calls["snapshots"] == 5 and source.snapshot_sizes[-1] == 2
+
+
+def test_only_the_symbols_not_cached_are_requested_and_in_one_call() -> None:
+    service, source, _ = make_service(FRIDAY_MORNING)
+    service.quote("700")
+    quotes = service.quotes(["700", "5", "9988"])
+    assert [q.symbol for q in quotes] == ["HK.00700", "HK.00005", "HK.09988"]
+    assert source.snapshot_sizes == [1, 2]
+
+
+def test_an_unknown_symbol_is_not_cached_and_is_asked_again() -> None:
+    service, source, _ = make_service(FRIDAY_MORNING)
+    for _ in range(2):
+        with pytest.raises(UnknownSymbol, match=r"No quote for HK\.08888"):
+            service.quotes(["700", "8888"])
+    assert source.snapshot_sizes == [2, 1]  # 700 came from the cache the second time, 8888 was asked again
+
+
+def test_ttl_zero_turns_the_cache_off() -> None:
+    service, source, _ = make_service(FRIDAY_MORNING, quote_ttl_s=0)
+    service.quote("700")
+    service.quote("700")
+    service.market_state()
+    service.market_state()
+    assert source.calls["snapshots"] == 2 and source.calls["market_state"] == 2
+    with pytest.raises(ValueError, match="TTLs must be >= 0 seconds"):
+        MarketService(source, MutableClock(FRIDAY_MORNING), quote_ttl_s=-1)
+
+
+def test_a_scan_reads_fresh_snapshots_and_leaves_them_for_the_quotes_that_follow() -> None:
+    service, source, clock = make_service(FRIDAY_MORNING)
+    rows = service.scan("HSI", limit=3)
+    assert source.calls["snapshots"] == 1
+    assert [q.symbol for q in service.quotes([row.symbol for row in rows])] == [row.symbol for row in rows]
+    assert source.calls["snapshots"] == 1
+    service.scan("HSI", limit=3)  # a scan is a new look at the market: always one request
+    assert source.calls["snapshots"] == 2
+    clock.now = FRIDAY_MORNING + timedelta(seconds=30)
+    service.quote(rows[0].symbol)
+    assert source.calls["snapshots"] == 3
+
+
+def test_technicals_and_patterns_reuse_the_quote_the_service_holds() -> None:
+    service, source, _ = make_service(FRIDAY_MORNING, MemoryKlineCache())
+    service.scan("ALL", limit=5)
+    symbol = service.scan("ALL", limit=1)[0].symbol
+    before = source.calls["snapshots"]
+    service.quote(symbol)
+    service.technicals(symbol, "1d")
+    service.patterns(symbol, "1d")
+    service.patterns(symbol, "5m")
+    assert source.calls["snapshots"] == before  # every quote came from the scan's snapshot
+
+
+def test_index_constituents_are_read_once_per_service() -> None:
+    service, source, _ = make_service(FRIDAY_MORNING)
+    service.scan("HSI", limit=3)
+    service.scan("hsi", limit=10)
+    service.scan("ALL", limit=10)
+    assert source.calls["index_constituents"] == 2  # HSI once, ALL once
+    assert service.index_constituents("HSI") == source.inner.index_constituents("HSI")
+    with pytest.raises(ValueError, match="choose one of HSI, HSCEI, HSTECH, ALL"):
+        service.index_constituents("NASDAQ")
+
+
+def test_the_market_state_is_read_at_most_once_per_ttl() -> None:
+    service, source, clock = make_service(FRIDAY_MORNING, quote_ttl_s=5)
+    assert service.market_state() == source.inner.market_state()
+    service.market_state()
+    assert source.calls["market_state"] == 1
+    clock.now = FRIDAY_MORNING + timedelta(seconds=6)
+    service.market_state()
+    assert source.calls["market_state"] == 2
+    service.invalidate()
+    service.market_state()
+    assert source.calls["market_state"] == 3
+
+
+def test_naive_mode_asks_once_per_symbol_and_remembers_nothing() -> None:
+    service, source, _ = make_service(FRIDAY_MORNING, quote_ttl_s=0, batch=False)
+    quotes = service.quotes(["700", "5", "9988"])
+    assert source.snapshot_sizes == [1, 1, 1]
+    rows = service.scan("HSI", limit=50)
+    constituents = source.inner.index_constituents("HSI")
+    assert source.calls["snapshots"] == 3 + len(constituents)
+    service.scan("HSI", limit=50)
+    assert source.calls["index_constituents"] == 2
+    # The same answers as the batched, cached service.
+    batched, _, _ = make_service(FRIDAY_MORNING)
+    assert batched.quotes(["700", "5", "9988"]) == quotes
+    assert batched.scan("HSI", limit=50) == rows
