@@ -109,7 +109,7 @@ def configure_logging(log_dir: Path | None, now: datetime, *, verbose: bool = Fa
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    for noisy in ("httpx", "httpcore", "anthropic", "futu", "urllib3", "pgserver"):
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "anthropic", "futu", "urllib3", "pgserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

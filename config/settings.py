@@ -149,6 +149,8 @@ class AgentSettings(_Section):
     brain: Literal["claude", "rules"] = "claude"
     scan_limit: Annotated[int, Field(ge=1, le=50)] = 10
     log_dir: Path = Path("logs")
+    quote_ttl_s: Annotated[float, Field(ge=0, le=60)] = 5.0  # reuse a snapshot this long; 0 = always ask
+    market_batching: bool = True  # false = one gateway request per symbol: the benchmark's naive mode only
 
 
 class Settings(_Section):

@@ -1063,6 +1063,26 @@ class Journal:
             )
         return len(params)
 
+    # ---- index constituents -----------------------------------------------------------------------------------
+
+    def get_constituents(self, index_name: str, trading_date: date) -> list[str] | None:
+        """The constituents of ``index_name`` stored for ``trading_date``, or None."""
+        value = self._scalar(
+            f"read the {index_name} constituents of {trading_date}",
+            "SELECT symbols FROM index_constituents WHERE index_name = %s AND trading_date = %s",
+            (index_name, trading_date),
+        )
+        return None if value is None else list(value)
+
+    def put_constituents(self, index_name: str, trading_date: date, symbols: Sequence[str]) -> None:
+        """Store (or replace) the constituents of ``index_name`` for ``trading_date``."""
+        with self._errors(f"store the {index_name} constituents of {trading_date}"):
+            self._conn.execute(
+                "INSERT INTO index_constituents (index_name, trading_date, symbols) VALUES (%s, %s, %s) "
+                "ON CONFLICT (index_name, trading_date) DO UPDATE SET symbols = EXCLUDED.symbols, fetched_at = now()",
+                (index_name, trading_date, list(symbols)),
+            )
+
     # ---- one agent per account -------------------------------------------------------------------------------
 
     def try_lock(self, account_key: str, holder: str) -> str | None:
@@ -1103,6 +1123,19 @@ class Journal:
             self._conn.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(account_key),))
         self._held_locks.discard(account_key)
         return True
+
+
+class PgConstituentCache:
+    """The journal as ``data.market``'s index-constituent cache (``get``/``put``, one entry per day)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+
+    def get(self, index_name: str, trading_date: date) -> list[str] | None:
+        return self._journal.get_constituents(index_name, trading_date)
+
+    def put(self, index_name: str, trading_date: date, symbols: Sequence[str]) -> None:
+        self._journal.put_constituents(index_name, trading_date, symbols)
 
 
 class PgKlineCache:

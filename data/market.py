@@ -1064,6 +1064,14 @@ class KlineCache(Protocol):
         ...
 
 
+class ConstituentCache(Protocol):
+    """A persistent store of index constituents per trading day (PostgreSQL in production)."""
+
+    def get(self, index_name: str, trading_date: date) -> list[str] | None: ...
+
+    def put(self, index_name: str, trading_date: date, symbols: Sequence[str]) -> None: ...
+
+
 class MemoryKlineCache:
     """A ``KlineCache`` in a dict: for the simulator, dry runs and tests (nothing survives the process)."""
 
@@ -1128,6 +1136,7 @@ class MarketService:
         intraday_ttl_s: float = 60.0,
         quote_ttl_s: float = 5.0,
         batch: bool = True,
+        constituent_cache: ConstituentCache | None = None,
     ) -> None:
         if quote_ttl_s < 0 or intraday_ttl_s < 0:
             raise ValueError(
@@ -1139,6 +1148,7 @@ class MarketService:
         self._intraday_ttl = timedelta(seconds=intraday_ttl_s)
         self._quote_ttl = timedelta(seconds=quote_ttl_s)
         self._batch = batch
+        self._constituent_cache = constituent_cache if batch else None
         self._memory: dict[tuple[str, str], _Cached] = {}
         self._quotes: dict[str, tuple[datetime, Quote]] = {}
         self._state: tuple[datetime, MarketState | None] | None = None
@@ -1237,10 +1247,28 @@ class MarketService:
             raise ValueError(f"Cannot scan index {index!r}: choose one of {', '.join(INDEXES)}.")
         cached = self._constituents.get(name)
         if cached is None:
+            cached = self._stored_constituents(name)
+        if cached is None:
             cached = tuple(dict.fromkeys(self._source.index_constituents(name)))
-            if self._batch:
-                self._constituents[name] = cached
+            if self._constituent_cache is not None and cached:
+                try:
+                    self._constituent_cache.put(name, self._clock().date(), cached)
+                except Exception as exc:  # a cache that fails must not fail the scan
+                    log.warning("constituent_cache_failed", index=name, error=str(exc))
+        if self._batch:
+            self._constituents[name] = cached
         return list(cached)
+
+    def _stored_constituents(self, name: str) -> tuple[str, ...] | None:
+        """Today's constituents from the persistent cache (they change quarterly; read once a day)."""
+        if self._constituent_cache is None:
+            return None
+        try:
+            stored = self._constituent_cache.get(name, self._clock().date())
+        except Exception as exc:
+            log.warning("constituent_cache_failed", index=name, error=str(exc))
+            return None
+        return tuple(stored) if stored else None
 
     def scan(self, index: str = "HSI", limit: int = 10) -> list[ScanRow]:
         """The index's tradable constituents ranked by ``scan_score``; ``limit`` is capped to 1..50.

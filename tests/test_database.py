@@ -64,6 +64,7 @@ CONTRACT: dict[str, set[str]] = {
     "alerts": {"id", "cycle_id", "subject", "message", "priority", "event", "sent", "error", "created_at"},
     "control_flags": {"name", "value", "set_at", "set_by"},
     "kline_cache": {"symbol", "timeframe", "bar_time", "open", "high", "low", "close", "volume"},
+    "index_constituents": {"index_name", "trading_date", "symbols", "fetched_at"},
     "instance_locks": {"key", "holder", "started_at"},
     "schema_migrations": {"name", "applied_at"},
 }  # fmt: skip
@@ -651,3 +652,18 @@ def test_as_root_an_embedded_dir_behind_a_closed_folder_is_a_config_error(tmp_pa
     assert "set DATABASE_URL" in str(caught.value)
     assert stat.S_IMODE(closed.stat().st_mode) == 0o700  # untouched: pgserver would have opened it up
     assert not (closed / "var").exists()
+
+
+def test_index_constituents_are_stored_per_day(journal: Journal) -> None:
+    from datetime import date
+
+    from data.database import PgConstituentCache
+
+    cache = PgConstituentCache(journal)
+    day = date(2026, 11, 20)
+    assert cache.get("HSI", day) is None
+    cache.put("HSI", day, ["HK.00700", "HK.00005"])
+    cache.put("HSI", day, ["HK.00700", "HK.00005", "HK.00939"])  # replaced, not duplicated
+    assert cache.get("HSI", day) == ["HK.00700", "HK.00005", "HK.00939"]
+    assert cache.get("HSI", date(2026, 11, 23)) is None  # read again on the next trading day
+    assert cache.get("HSTECH", day) is None

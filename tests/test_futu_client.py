@@ -45,6 +45,7 @@ from tests.fakes.opend import (
     INIT_CONNECT,
     QOT_GET_SECURITY_SNAPSHOT,
     QOT_REQUEST_HISTORY_KL,
+    TRD_GET_ACC_LIST,
     TRD_GET_FUNDS,
     TRD_GET_ORDER_LIST,
     TRD_GET_POSITION_LIST,
@@ -682,3 +683,24 @@ def test_importing_futu_through_the_adapter_keeps_ctrl_c(importer: str, keeps_ha
         [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip().splitlines()[-1] == str(keeps_handler)
+
+
+def test_the_account_list_is_read_at_connect_only_not_before_every_trade_call(
+    client: FutuClient, fake: FakeOpenD, exchange: SimExchange
+) -> None:
+    before = fake.count(TRD_GET_ACC_LIST)
+    client.account()
+    client.positions()
+    client.open_orders()
+    order = client.place_order(limit_request("CI-pin-1", marketable_price(exchange)))
+    assert order.status is OrderStatus.FILLED
+    assert fake.count(TRD_GET_ACC_LIST) == before  # futu 10.x alone asks again before each of these calls
+    placed = fake.requests_for(TRD_PLACE_ORDER)[-1]["header"]
+    assert int(placed["accID"]) == FakeOpenD.SIM_ACC_ID and int(placed.get("trdEnv", 0)) == 0  # SIMULATE
+    # After a dropped connection the new trade context is pinned again (its own connect reads the list once).
+    fake.drop_connections()
+    client.account()
+    reconnected = fake.count(TRD_GET_ACC_LIST)
+    client.positions()
+    client.account()
+    assert fake.count(TRD_GET_ACC_LIST) == reconnected

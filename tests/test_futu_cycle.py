@@ -13,7 +13,13 @@ import yaml
 from brokers.sim import SimBroker, SimExchange
 from data.database import Journal
 from tests.agent_runner import IN_SESSION, run_agent
-from tests.fakes.opend import QOT_GET_SECURITY_SNAPSHOT, QOT_REQUEST_HISTORY_KL, TRD_PLACE_ORDER, FakeOpenD
+from tests.fakes.opend import (
+    QOT_GET_PLATE_SECURITY,
+    QOT_GET_SECURITY_SNAPSHOT,
+    QOT_REQUEST_HISTORY_KL,
+    TRD_PLACE_ORDER,
+    FakeOpenD,
+)
 
 NOW = datetime.fromisoformat(IN_SESSION)
 DAILY = 2  # Qot_Common.KLType_Day
@@ -57,10 +63,14 @@ def test_rules_cycle_through_opend_places_a_simulate_order_with_our_remark(
     assert first_daily, opend.requests_for(QOT_REQUEST_HISTORY_KL)[:2]
     # Daily K-lines went into the PostgreSQL cache: the next cycle asks the gateway for none of them again.
     before = opend.count(QOT_REQUEST_HISTORY_KL)
+    plates_first = opend.count(QOT_GET_PLATE_SECURITY)
+    assert plates_first >= 1
     run = run_agent("--broker", "futu", "--brain", "rules", "--dry-run", "--now", IN_SESSION, env=futu_env)
     assert run.returncode == 0, run.output
     later = opend.requests_for(QOT_REQUEST_HISTORY_KL)[before:]
     assert [r for r in later if r.get("klType") == DAILY] == [], later
+    # Index constituents are read once a day too.
+    assert opend.count(QOT_GET_PLATE_SECURITY) == plates_first
 
 
 def test_opend_down_exits_3_quickly_with_what_to_do(project_env: dict[str, str], settings_file: Path) -> None:

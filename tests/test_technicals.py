@@ -556,3 +556,31 @@ def test_naive_mode_asks_once_per_symbol_and_remembers_nothing() -> None:
     batched, _, _ = make_service(FRIDAY_MORNING)
     assert batched.quotes(["700", "5", "9988"]) == quotes
     assert batched.scan("HSI", limit=50) == rows
+
+
+class DictConstituentCache:
+    """A dictionary standing in for the PostgreSQL constituent cache (which has its own test)."""
+
+    def __init__(self) -> None:
+        self.stored: dict[tuple[str, object], list[str]] = {}
+
+    def get(self, index_name: str, trading_date: object) -> list[str] | None:
+        return self.stored.get((index_name, trading_date))
+
+    def put(self, index_name: str, trading_date: object, symbols: list[str]) -> None:
+        self.stored[(index_name, trading_date)] = list(symbols)
+
+
+def test_constituents_are_read_once_a_day_across_runs() -> None:
+    cache = DictConstituentCache()
+    now = FRIDAY_MORNING
+    first = CountingSource(SimExchange(seed=42, clock=lambda: now))
+    MarketService(first, lambda: now, constituent_cache=cache).scan("ALL", 5)
+    assert first.calls["index_constituents"] == 1
+    later = CountingSource(SimExchange(seed=42, clock=lambda: now))  # the afternoon's new process
+    rows = MarketService(later, lambda: now, constituent_cache=cache).scan("ALL", 5)
+    assert later.calls["index_constituents"] == 0 and len(rows) == 5
+    monday = now + timedelta(days=3)
+    nextday = CountingSource(SimExchange(seed=42, clock=lambda: monday))
+    MarketService(nextday, lambda: monday, constituent_cache=cache).scan("ALL", 5)
+    assert nextday.calls["index_constituents"] == 1
