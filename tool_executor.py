@@ -67,11 +67,20 @@ class BrokerView:
         self._account: Account | None = None
         self._positions: dict[str, Position] | None = None
         self._orders: list[Order] | None = None
+        self._is_paper: bool | None = None
 
     def account(self) -> Account:
         if self._account is None:
             self._account = self._broker.account()
+            self._is_paper = self._account.is_paper
         return self._account
+
+    def is_paper(self) -> bool:
+        """Whether the account is a paper account. It cannot change within a run: no re-read after a write."""
+        if self._is_paper is None:
+            self.account()
+        assert self._is_paper is not None
+        return self._is_paper
 
     def positions(self) -> dict[str, Position]:
         if self._positions is None:
@@ -297,6 +306,7 @@ def place_order_write_ahead(
         order = _settle_unclear_order(ctx, request, exc)
     record_order_state(ctx, request.client_order_id, order)
     ctx.view.invalidate()
+    ctx.market.invalidate([request.symbol])  # our own order may have moved its price: read it again
     log.info(
         "order_dry_run" if order.status == OrderStatus.DRY_RUN else "order_submitted",
         client_order_id=request.client_order_id,
@@ -349,7 +359,7 @@ def _settle_unclear_order(ctx: CycleContext, request: OrderRequest, exc: Excepti
 
 def uses_broker_stops(ctx: CycleContext) -> bool:
     """REAL accounts keep protective stops at the broker; paper accounts (and dry runs) cannot."""
-    return not ctx.dry_run and not ctx.view.account().is_paper and hasattr(ctx.broker, "place_stop_order")
+    return not ctx.dry_run and not ctx.view.is_paper() and hasattr(ctx.broker, "place_stop_order")
 
 
 def arm_broker_stop(ctx: CycleContext, symbol: str) -> Order | None:
