@@ -546,6 +546,7 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     else:
         brain = RulesBrain(settings.risk, scan_limit=settings.agent.scan_limit)
     gate = ToolGate(ctx)
+    log.info("brain_ready", brain=brain.name, model=brain.model)
     first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason)
     start_of_day = datetime.combine(today, datetime.min.time(), tzinfo=HKT)
     result = run_tool_loop(

@@ -526,6 +526,7 @@ class CycleFigures:
     model_wait_ms: float
     startup_ms: float | None
     in_cycle_ms: float | None
+    loop_ms: float | None  # brain_ready -> cycle_finished: the tool loop, after start-up and imports
     gateway: Counter[str]
     history_daily: int
     snapshot_codes: list[int]
@@ -546,6 +547,10 @@ class CycleFigures:
     @property
     def in_cycle_overhead_ms(self) -> float | None:
         return None if self.in_cycle_ms is None else self.in_cycle_ms - self.model_wait_ms
+
+    @property
+    def loop_overhead_ms(self) -> float | None:
+        return None if self.loop_ms is None else self.loop_ms - self.model_wait_ms
 
     @property
     def gateway_total(self) -> int:
@@ -683,6 +688,8 @@ def _cycle_figures(
     finished = _event_time(run.log_lines, "cycle_finished")
     startup = (started - run.started_at).total_seconds() * 1000 if started else None
     in_cycle = (finished - started).total_seconds() * 1000 if started and finished else None
+    ready = _event_time(run.log_lines, "brain_ready")
+    loop = (finished - ready).total_seconds() * 1000 if ready and finished else None
     cycle_line = next((line for line in run.log_lines if line.get("event") == "cycle_finished"), {})
     cycle_row = journal.cycles_on(datetime.fromisoformat(NOW_TEXT).date())[-1]
     if cycle_row.status != "ok":
@@ -693,6 +700,7 @@ def _cycle_figures(
         model_wait_ms=model_wait * 1000,
         startup_ms=startup,
         in_cycle_ms=in_cycle,
+        loop_ms=loop,
         gateway=_gateway_counts(opend),
         history_daily=sum(1 for r in history if int(r.get("klType", 0)) == KL_DAILY),
         snapshot_codes=[len(r.get("securityList", [])) for r in opend.requests_for(QOT_GET_SECURITY_SNAPSHOT)],
@@ -836,6 +844,13 @@ def report(
         + _naive(naive_inner, f"{naive_inner:,.0f} ms" if naive_inner else "", inner, "less")
         + _target(inner <= TARGETS["overhead_ms"], f"<= {TARGETS['overhead_ms']:.0f} ms")
     )
+    loop, naive_loop = opt.median("loop_overhead_ms"), nv("loop_overhead_ms")
+    lines.append(
+        f"tool loop overhead outside the model: {loop:,.0f} ms median (brain_ready -> cycle_finished minus the model "
+        "wait: every tool call with its safety verdict, gateway requests and journal writes, after start-up)"
+        + _naive(naive_loop, f"{naive_loop:,.0f} ms" if naive_loop else "", loop, "less")
+        + _target(loop <= TARGETS["overhead_ms"], f"<= {TARGETS['overhead_ms']:.0f} ms")
+    )
     requests, naive_requests = opt.median("gateway_requests"), nv("gateway_requests")
     handshakes = opt.median("gateway_total") - requests
     lines.append(
@@ -926,6 +941,7 @@ def as_json(
                     "gateway": dict(c.gateway),
                     "overhead_ms": c.overhead_ms,
                     "in_cycle_overhead_ms": c.in_cycle_overhead_ms,
+                    "loop_overhead_ms": c.loop_overhead_ms,
                     "gateway_requests": c.gateway_requests,
                 }
                 for c in result.cycles

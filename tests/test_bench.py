@@ -25,6 +25,7 @@ FIGURES = (
     "model wait",
     "cycle overhead outside the model",
     "cycle overhead outside the model, in process",
+    "tool loop overhead outside the model",
     "gateway requests per cycle",
     "gateway requests by kind",
     "gateway requests by kind, naive",
@@ -100,9 +101,15 @@ def test_times_are_positive_and_add_up(bench_run: tuple[dict[str, str], dict]) -
     assert abs(overhead - (wall - wait)) <= 2  # rounding of the printed values
     cycle = data["optimised"]["cycles"][0]
     assert cycle["model_wait_ms"] >= 0 and cycle["startup_ms"] > 0 and cycle["in_cycle_ms"] > 0
+    assert 0 < cycle["loop_overhead_ms"] < cycle["in_cycle_overhead_ms"]  # the loop is part of the cycle
     assert number(lines["guard pass wall time"], r"^([\d,]+) ms") > 0
     assert number(lines["agent.py --help wall time"], r"^([\d,]+) ms") > 0
-    for target_line in ("cycle overhead outside the model", "guard pass wall time", "agent.py --help wall time"):
+    for target_line in (
+        "cycle overhead outside the model",
+        "tool loop overhead outside the model",
+        "guard pass wall time",
+        "agent.py --help wall time",
+    ):
         assert re.search(r"target <= \d+ ms: (met|NOT met)$", lines[target_line]), lines[target_line]
 
 
