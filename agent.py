@@ -127,6 +127,7 @@ class Run:
     broker: Any = None
     alerter: Any = None
     lock_key: str | None = None
+    loop: Any = None  # brain.LoopResult of the running cycle: tokens and cost spent so far
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,7 +493,7 @@ def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str 
 def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, clock: Any, mode: str, log: Any) -> int:
     import safety
     import tools
-    from brain import ClaudeBrain, RulesBrain, run_tool_loop
+    from brain import ClaudeBrain, LoopResult, RulesBrain, run_tool_loop
     from tool_executor import ToolGate, close_all, risk_state
 
     ctx = make_context(settings, run, broker, source, clock, dry_run=mode == "dry_run")
@@ -549,6 +550,7 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     log.info("brain_ready", brain=brain.name, model=brain.model)
     first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason)
     start_of_day = datetime.combine(today, datetime.min.time(), tzinfo=HKT)
+    run.loop = LoopResult()
     result = run_tool_loop(
         brain,
         gate,
@@ -565,6 +567,7 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
             cache_write=turn.usage.cache_write_tokens,
             output_tokens=turn.usage.output_tokens,
         ),
+        result=run.loop,
     )
     if result.stopped_by.startswith("budget") and journal.get_flag(f"budget_alert:{today}") is None:
         journal.set_flag(f"budget_alert:{today}", result.stopped_by, "agent")
@@ -686,6 +689,7 @@ def fail(exc: Exception, run: Run) -> int:
     except Exception:  # logging itself broke: still say something
         print(f"run_failed: {message}", file=sys.stderr)
     if run.journal is not None and run.cycle_id is not None:
+        spent = run.loop  # what the model had cost before the failure still counts toward the daily budget
         try:
             run.journal.finish_cycle(
                 run.cycle_id,
@@ -693,6 +697,12 @@ def fail(exc: Exception, run: Run) -> int:
                 finished_at=datetime.now(HKT),
                 error=message[:2000],
                 summary="failed" if code != EXIT_HALTED else str(exc)[:500],
+                iterations=spent.iterations if spent else 0,
+                input_tokens=spent.usage.input_tokens if spent else 0,
+                output_tokens=spent.usage.output_tokens if spent else 0,
+                cache_read_tokens=spent.usage.cache_read_tokens if spent else 0,
+                cache_write_tokens=spent.usage.cache_write_tokens if spent else 0,
+                cost_usd=spent.cost_usd if spent else 0.0,
             )
         except Exception as journal_exc:
             print(f"could not journal the failure: {journal_exc}", file=sys.stderr)

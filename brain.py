@@ -429,10 +429,14 @@ def run_tool_loop(
     *,
     cost_before_today: float = 0.0,
     on_turn: Callable[[int, Turn], None] | None = None,
+    result: LoopResult | None = None,
 ) -> LoopResult:
-    """The hand-written tool loop: every tool_use answered, every call through the gate, budgets enforced."""
+    """The hand-written tool loop: every tool_use answered, every call through the gate, budgets enforced.
+
+    Pass ``result`` to keep what was spent so far even if the loop raises (the caller journals it)."""
     price = limits.prices.get(brain.model)
-    result = LoopResult(messages=[{"role": "user", "content": first_message}])
+    result = result if result is not None else LoopResult()
+    result.messages = [{"role": "user", "content": first_message}]
     while True:
         spent = safety.CycleUsage(
             iterations=result.iterations,

@@ -173,3 +173,16 @@ def test_the_static_prefix_carries_the_cache_breakpoints() -> None:
     off = build_request("claude-sonnet-5-5", 4096, tools.TOOLS, system, messages, caching=False)
     assert "cache_control" not in json.dumps(off)
     assert tools.TOOLS[-1].get("cache_control") is None  # the shared catalogue itself is never mutated
+
+
+def test_tokens_spent_before_a_failure_still_count(
+    project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI
+) -> None:
+    usage = {"input_tokens": 1000, "output_tokens": 100, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    fake_api.enqueue(message([tool_use("get_portfolio", {}, id="f1")], usage=usage))
+    fake_api.enqueue_error(400, "invalid_request_error", "something went wrong")
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", IN_SESSION, env={**project_env, **fake_api.env()})
+    assert run.returncode == 1, run.output
+    (cycle,) = journal.cycles_on(date(2026, 11, 20))
+    assert cycle.status == "error" and (cycle.input_tokens, cycle.output_tokens, cycle.iterations) == (1000, 100, 1)
+    assert float(cycle.cost_usd) == pytest.approx((1000 * 3.0 + 100 * 15.0) / 1_000_000)
