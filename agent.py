@@ -420,6 +420,11 @@ def reconcile(ctx: Any, run: Run, log: Any) -> Reconciliation:
     ctx.view.invalidate()
     positions = ctx.view.positions()
     stops = journal.protective_stops()
+    if ctx.dry_run:  # a dry run reads; adopting positions or dropping stops is for real runs and the guard
+        unknown = sorted(set(positions) - set(stops))
+        if unknown:
+            log.warning("positions_without_stop", positions=unknown, note="a real run or the guard adopts them")
+        return Reconciliation(unresolved=unresolved, adopted=[], rearmed=[])
     adopted: list[str] = []
     for symbol, position in positions.items():
         stop = stops.get(symbol)

@@ -131,3 +131,15 @@ def test_guard_outside_trading_hours_does_nothing(project_env: dict[str, str], j
     run = guard(project_env, at("12:30"))
     assert "nothing to enforce" in run.output
     assert last_guard_cycle(journal).status == "ok"
+
+
+def test_a_dry_run_never_writes_stops_for_the_real_account(
+    project_env: dict[str, str], journal: Journal, tmp_path: Path
+) -> None:
+    state = tmp_path / "var" / "sim" / "state.json"
+    buy(state, at("10:00"), "HK.01299", 200)  # a position the journal does not know
+    run = run_agent("--dry-run", "--broker", "sim", "--brain", "rules", "--now", at("10:15"), env=project_env)
+    assert run.returncode == 0, run.output
+    assert "positions_without_stop" in run.output
+    assert journal.protective_stops() == {}  # neither adopted nor the dry-run entries' stops
+    assert all(o.status == "dry_run" for o in journal.orders_on(date.fromisoformat(DAY)))
