@@ -388,10 +388,23 @@ def reconcile_orders(ctx: Any, log: Any) -> list[str]:
             found = ctx.broker.find_order(row.client_order_id)
         except Exception as exc:
             log.warning("reconcile_lookup_failed", client_order_id=row.client_order_id, error=str(exc))
-            found = None
+            unresolved.append(row.client_order_id)
+            continue
         if found is None:
-            if row.status == OrderStatus.PENDING or row.status == OrderStatus.UNKNOWN:
-                unresolved.append(row.client_order_id)
+            if row.status not in (OrderStatus.PENDING, OrderStatus.UNKNOWN):
+                continue
+            if row.trading_date < ctx.trading_date:
+                # The broker's order history (today's and past days') does not have it a session later: it never
+                # reached the broker, and HK day orders cannot surface afterwards. Settle it; entries resume.
+                ctx.journal.update_order(
+                    row.client_order_id,
+                    status=OrderStatus.CANCELLED,
+                    reason=f"never reached the broker (not in its order history on {ctx.trading_date})",
+                    at=ctx.clock(),
+                )
+                log.warning("order_never_sent", client_order_id=row.client_order_id, status_was=row.status.value)
+                continue
+            unresolved.append(row.client_order_id)
             continue
         if found.status != row.status or found.filled_quantity != row.filled_quantity:
             record_order_state(ctx, row.client_order_id, found)

@@ -139,3 +139,24 @@ def test_gateway_drops_the_connection_mid_cycle(
     # Whatever was ordered is at the exchange exactly once.
     for row in journal.orders_on(TODAY):
         assert len([o for o in SimBroker(exchange).orders() if o.client_order_id == row.client_order_id]) == 1
+
+
+def test_an_order_the_broker_never_saw_is_settled_the_next_day(
+    futu_env: dict[str, str], opend: FakeOpenD, journal: Journal
+) -> None:
+    """Yesterday's pending order that the broker's whole history does not know never reached it: cancelled."""
+    from brokers.base import OrderStatus, Side
+    from data.database import OrderIntent
+
+    yesterday = date(2026, 11, 19)
+    journal.insert_order(
+        OrderIntent(client_order_id="CI-lost-yesterday", cycle_id=None, symbol="HK.00700", side=Side.BUY,
+                    quantity=100, limit_price=Decimal("600"), status=OrderStatus.PENDING, trading_date=yesterday)
+    )  # fmt: skip
+    run = run_agent("--broker", "futu", "--brain", "rules", "--now", IN_SESSION, env=futu_env)
+    assert run.returncode == 0, run.output
+    settled = journal.get_order("CI-lost-yesterday")
+    assert (
+        settled is not None and settled.status == "cancelled" and "never reached the broker" in (settled.reason or "")
+    )
+    assert opend.count(TRD_PLACE_ORDER) >= 1  # entries were not blocked by it
