@@ -53,8 +53,11 @@ def wait_for(predicate, what: str, timeout_s: float = 120) -> None:
 
 
 def test_sigkill_between_journal_write_and_broker_answer_never_duplicates(
-    futu_env: dict[str, str], opend: FakeOpenD, exchange: SimExchange, journal: Journal
+    futu_env: dict[str, str], opend: FakeOpenD, exchange: SimExchange, journal: Journal, settings_file: Path
 ) -> None:
+    data = yaml.safe_load(settings_file.read_text())
+    data["broker"]["futu"]["request_timeout_s"] = 120  # the agent is still waiting when it is killed
+    settings_file.write_text(yaml.safe_dump(data))
     opend.stall_next(TRD_PLACE_ORDER, None)  # the order reaches the exchange; the answer never comes back
     agent = subprocess.Popen(
         [sys.executable, str(AGENT), "--broker", "futu", "--brain", "rules", "--now", IN_SESSION],
@@ -73,6 +76,8 @@ def test_sigkill_between_journal_write_and_broker_answer_never_duplicates(
     at_exchange = [o for o in SimBroker(exchange).orders() if o.client_order_id == row.client_order_id]
     assert len(at_exchange) == 1  # it did reach the exchange
 
+    data["broker"]["futu"]["request_timeout_s"] = 3
+    settings_file.write_text(yaml.safe_dump(data))
     # The next run (here the guard) reconciles before anything else: the order is found by its remark.
     run = run_agent("--guard", "--broker", "futu", "--now", IN_SESSION, env=futu_env)
     assert run.returncode == 0, run.output

@@ -88,8 +88,16 @@ def test_model_api_overloaded_then_timing_out_ends_the_cycle_as_error(
 
 
 def test_two_agents_started_together_one_runs_the_other_exits_5(project_env: dict[str, str], journal: Journal) -> None:
+    import threading
+
+    second_done = threading.Event()
+
+    def hold_until_the_second_agent_is_done(_body: dict) -> dict:
+        second_done.wait(timeout=120)  # the first agent sits in its model call, holding the lock
+        return message([text("Nothing to do.")])
+
     with FakeMessagesAPI() as api:
-        api.enqueue_delay(6, message([text("Nothing to do.")]))  # the first agent sits in its model call
+        api.enqueue(hold_until_the_second_agent_is_done)
         env = {**project_env, **api.env()}
         first = subprocess.Popen(
             [sys.executable, str(AGENT), "--broker", "sim", "--brain", "claude", "--now", IN_SESSION],
@@ -101,8 +109,10 @@ def test_two_agents_started_together_one_runs_the_other_exits_5(project_env: dic
                 time.sleep(0.05)  # the first agent holds the lock once it talks to the model
             assert api.requests, "the first agent never reached the model"
             second = run_agent("--dry-run", "--broker", "sim", "--brain", "rules", "--now", IN_SESSION, env=env)
+            second_done.set()
             out, _ = first.communicate(timeout=120)
         finally:
+            second_done.set()
             if first.poll() is None:
                 first.kill()
     assert second.returncode == 5, second.output
