@@ -53,7 +53,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -67,6 +66,8 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
+
+from tests.pg import stop_embedded_server, traversable_tempdir  # noqa: E402 - after the path is set
 
 AGENT = PROJECT_ROOT / "agent.py"
 NOW_TEXT = "2026-11-20T10:15:00+08:00"  # a Friday in continuous trading (the sim and the calendar agree)
@@ -322,13 +323,6 @@ def timed_messages_api(responder: Any) -> Any:
 # ==============================================================================================================
 
 
-def traversable_tempdir(prefix: str) -> Path:
-    """A temporary folder the ``pgserver`` system user can enter (pgserver runs postgres as it under root)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
-    folder.chmod(0o755)
-    return folder
-
-
 class Workspace:
     """A temporary folder and a PostgreSQL server whose databases are created per benchmark mode."""
 
@@ -399,23 +393,9 @@ class Workspace:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 self._server.cleanup()
-            _stop_postgres(self.folder / "pg")
+            stop_embedded_server(self.folder / "pg")
         if not self.keep:
             shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _stop_postgres(pgdata: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-        from pgserver.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata)
-    if info is None or not info.is_running():
-        return
-    user = "pgserver" if os.name == "posix" and os.geteuid() == 0 else None
-    with contextlib.suppress(Exception):
-        pgserver.pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
 
 
 # ==============================================================================================================

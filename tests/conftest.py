@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 from config.settings import DEFAULT_SETTINGS_PATH
 from data.database import Journal
+from tests.pg import stop_embedded_server, traversable_tempdir
 
 PROJECT_ENV_VARS = (
     "ANTHROPIC_API_KEY",
@@ -54,28 +54,6 @@ def clean_project_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's or CI's project settings, keys or database."""
     for name in PROJECT_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-
-
-def traversable_tempdir(prefix: str) -> Path:
-    """A new temporary folder that the ``pgserver`` system user can enter (when the tests run as root)."""
-    base = "/tmp" if os.path.isdir("/tmp") else None
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-    folder.chmod(0o755)
-    return folder
-
-
-def stop_embedded_server(pgdata: Path) -> None:
-    """Stop a pgserver-started PostgreSQL in ``pgdata`` if it runs (for tests that start their own)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-        from pgserver.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata)
-    if info is None or not info.is_running():
-        return
-    user = "pgserver" if os.name == "posix" and os.geteuid() == 0 else None
-    pgserver.pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ from data.database import (
     discover_migrations,
     redact_dsn,
 )
-from tests.conftest import stop_embedded_server, traversable_tempdir
+from tests.pg import stop_embedded_server, traversable_tempdir
 
 HK = ZoneInfo("Asia/Hong_Kong")
 DAY = date(2026, 11, 20)
