@@ -5,8 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
+from brokers.sim import SimExchange
 from config.settings import PROJECT_ROOT
 
 AGENT = PROJECT_ROOT / "agent.py"
@@ -37,3 +40,12 @@ def run_agent(*args: str, env: dict[str, str], timeout_s: float = 240, cwd: Path
         check=False,
     )
     return AgentRun(done.returncode, done.stdout, done.stderr)
+
+
+def sim_at(now: str, state_file: Path | None = None) -> SimExchange:
+    """The deterministic market the agent sees at ``now`` with the shipped sim settings (seed 42, HK$1m).
+
+    With ``state_file`` it is the same paper account too (the agent's book), e.g. to place or shock from a test.
+    """
+    moment = datetime.fromisoformat(now)
+    return SimExchange(seed=42, clock=lambda: moment, state_file=state_file, starting_cash=Decimal(1_000_000))

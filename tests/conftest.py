@@ -26,6 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 from config.settings import DEFAULT_SETTINGS_PATH
 from data.database import Journal
+from tests.fakes.messages_api import FakeMessagesAPI
 from tests.pg import stop_embedded_server, traversable_tempdir
 
 PROJECT_ENV_VARS = (
@@ -138,3 +139,10 @@ def project_env(clean_project_env: None, database_url: str, settings_file: Path)
     env["DATABASE_URL"] = database_url
     env["CATALYST_CONFIG"] = str(settings_file)
     return env
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeMessagesAPI]:
+    """A local Messages API server for the real anthropic SDK (``fake_api.env()`` points a process at it)."""
+    with FakeMessagesAPI() as api:
+        yield api

@@ -11,23 +11,9 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
-import pytest
-
-from brokers.sim import SimExchange
 from data.database import Journal
-from tests.agent_runner import IN_SESSION, run_agent
+from tests.agent_runner import IN_SESSION, run_agent, sim_at
 from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
-
-
-def sim_at(now: str, state_file: Path | None = None) -> SimExchange:
-    moment = datetime.fromisoformat(now)
-    return SimExchange(seed=42, clock=lambda: moment, state_file=state_file, starting_cash=Decimal(1_000_000))
-
-
-@pytest.fixture
-def fake_api() -> FakeMessagesAPI:
-    with FakeMessagesAPI() as api:
-        yield api
 
 
 def test_rule_breaking_model_cannot_place_a_single_order(

@@ -3,34 +3,21 @@ Messages API server, the sim exchange and a real journal."""
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from brokers.sim import SimExchange
 from data.database import Journal
-from tests.agent_runner import IN_SESSION, run_agent
+from tests.agent_runner import IN_SESSION, run_agent, sim_at
 from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
-
-
-def market_at(now: str) -> SimExchange:
-    """The same deterministic market the agent sees (same seed, same clock), read-only."""
-    moment = datetime.fromisoformat(now)
-    return SimExchange(seed=42, clock=lambda: moment, state_file=None, starting_cash=Decimal(1_000_000))
-
-
-@pytest.fixture
-def fake_api() -> FakeMessagesAPI:
-    with FakeMessagesAPI() as api:
-        yield api
 
 
 def test_claude_loop_journals_every_call_with_its_verdict(
     project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, settings_file: Path
 ) -> None:
-    q = market_at(IN_SESSION).quote("HK.00700")
+    q = sim_at(IN_SESSION).quote("HK.00700")
     entry = q.ask_price or q.last_price
     stop, target = (
         (entry * Decimal("0.97")).quantize(Decimal("0.1")),
@@ -108,7 +95,7 @@ def test_claude_loop_journals_every_call_with_its_verdict(
     assert stops["HK.00700"].stop_loss == stop and stops["HK.00700"].take_profit == target
 
     # The order really reached the simulated exchange (the state file is the exchange's book).
-    book = market_at(IN_SESSION)
+    book = sim_at(IN_SESSION)
     assert book.quote("HK.00700")  # the market itself is unchanged by reading it
 
 

@@ -4,26 +4,18 @@ code, block entries, alert, and exit 4 — without asking the model anything."""
 from __future__ import annotations
 
 from datetime import date, datetime
-from decimal import Decimal
 from pathlib import Path
 
-import pytest
-
-from brokers.sim import SimBroker, SimExchange
+from brokers.sim import SimBroker
 from data.database import Journal
-from tests.agent_runner import IN_SESSION, run_agent
+from tests.agent_runner import IN_SESSION, run_agent, sim_at
 from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
 
 LATER = "2026-11-20T10:45:00+08:00"
 
 
-def sim(now: str, state_file: Path) -> SimExchange:
-    moment = datetime.fromisoformat(now)
-    return SimExchange(seed=42, clock=lambda: moment, state_file=state_file, starting_cash=Decimal(1_000_000))
-
-
 def buy_in_morning(fake_api: FakeMessagesAPI, env: dict[str, str], state_file: Path, quantity: int) -> None:
-    q = sim(IN_SESSION, state_file).quote("HK.00700")
+    q = sim_at(IN_SESSION, state_file).quote("HK.00700")
     px = float(q.ask_price or q.last_price)
     trade = {"symbol": "700", "side": "buy", "quantity": quantity}
     prices = {"stop_loss": round(px * 0.95, 1), "take_profit": round(px * 1.15, 1)}
@@ -36,29 +28,23 @@ def buy_in_morning(fake_api: FakeMessagesAPI, env: dict[str, str], state_file: P
     assert run.returncode == 0, run.output
 
 
-@pytest.fixture
-def fake_api() -> FakeMessagesAPI:
-    with FakeMessagesAPI() as api:
-        yield api
-
-
 def test_loss_past_the_limit_closes_everything_by_code_and_exits_4(
     project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, tmp_path: Path
 ) -> None:
     env = {**project_env, **fake_api.env()}
     state_file = tmp_path / "var" / "sim" / "state.json"
     buy_in_morning(fake_api, env, state_file, quantity=300)  # ~HK$195k of 0700: under the 20 % cap
-    assert SimBroker(sim(IN_SESSION, state_file)).positions()[0].quantity == 300
+    assert SimBroker(sim_at(IN_SESSION, state_file)).positions()[0].quantity == 300
     requests_before = len(fake_api.message_requests)
 
     # The stock falls 15 %: about -2.9 % of equity, past the 2 % limit.
-    sim(IN_SESSION, state_file).apply_shock("HK.00700", -0.15)
+    sim_at(IN_SESSION, state_file).apply_shock("HK.00700", -0.15)
     run = run_agent("--broker", "sim", "--brain", "claude", "--now", LATER, env=env)
     assert run.returncode == 4, run.output
     assert "daily_loss_halt" in run.output
 
     assert len(fake_api.message_requests) == requests_before  # no model call at all
-    broker = SimBroker(sim(LATER, state_file))
+    broker = SimBroker(sim_at(LATER, state_file))
     assert broker.positions() == []  # closed by code
     cycles = journal.cycles_on(date(2026, 11, 20))
     assert [c.status for c in cycles] == ["ok", "halted"]
@@ -82,7 +68,7 @@ def test_loss_past_the_warning_halves_the_cap_and_alerts_once(
     env = {**project_env, **fake_api.env()}
     state_file = tmp_path / "var" / "sim" / "state.json"
     buy_in_morning(fake_api, env, state_file, quantity=300)
-    sim(IN_SESSION, state_file).apply_shock("HK.00700", -0.09)  # about -1.7 %: warning, not halt
+    sim_at(IN_SESSION, state_file).apply_shock("HK.00700", -0.09)  # about -1.7 %: warning, not halt
     fake_api.enqueue(message([text("Careful today.")]))
     run = run_agent("--broker", "sim", "--brain", "claude", "--now", LATER, env=env)
     assert run.returncode == 0, run.output

@@ -11,9 +11,9 @@ from decimal import Decimal
 from pathlib import Path
 
 from brokers.base import OrderRequest, OrderType, Side
-from brokers.sim import SimBroker, SimExchange
+from brokers.sim import SimBroker
 from data.database import Journal
-from tests.agent_runner import run_agent
+from tests.agent_runner import run_agent, sim_at
 
 DAY = "2026-11-20"
 
@@ -23,10 +23,7 @@ def at(hhmm: str) -> str:
 
 
 def broker_at(state_file: Path, when: str) -> SimBroker:
-    moment = datetime.fromisoformat(when)
-    return SimBroker(
-        SimExchange(seed=42, clock=lambda: moment, state_file=state_file, starting_cash=Decimal(1_000_000))
-    )
+    return SimBroker(sim_at(when, state_file))
 
 
 def buy(state_file: Path, when: str, symbol: str, quantity: int) -> Decimal:
