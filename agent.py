@@ -126,7 +126,6 @@ class Run:
     cycle_id: int | None = None
     broker: Any = None
     alerter: Any = None
-    lock_key: str | None = None
     loop: Any = None  # brain.LoopResult of the running cycle: tokens and cost spent so far
 
 
@@ -314,7 +313,6 @@ def open_and_run(
         from config.errors import LockHeld
 
         raise LockHeld(f"Another agent instance holds the lock for {lock_key}: {holder}. Try again when it finishes.")
-    run.lock_key = lock_key
     run.cycle_id = run.journal.start_cycle(
         run_id=run.run_id, mode=mode, broker=settings.broker.name, brain=brain_name, model=model,
         started_at=now, trading_date=now.date(),

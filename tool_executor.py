@@ -170,9 +170,6 @@ class ToolExecutor:
     def get_portfolio(self, a: tools.GetPortfolioInput | None = None) -> Any:
         return portfolio_summary(self.ctx)
 
-    def check_risk(self, a: tools.CheckRiskInput, verdict: safety.Verdict) -> Any:
-        return verdict.to_result()
-
     # --------------------------------------------------------------- writes
     def execute_trade(self, a: tools.ExecuteTradeInput, verdict: safety.Verdict) -> Any:
         side = Side(a.side)

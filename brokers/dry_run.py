@@ -15,8 +15,6 @@ from config.errors import OrderRejected
 class DryRunBroker:
     """A ``Broker`` that answers reads from ``inner`` and turns every order into a ``dry_run`` record."""
 
-    is_dry_run = True
-
     def __init__(self, inner: Broker, clock: Clock) -> None:
         self._inner = inner
         self._clock = clock
