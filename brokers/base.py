@@ -109,6 +109,9 @@ class Account(_Frozen):
     market_value: Decimal
     buying_power: Decimal
     currency: str = "HKD"
+    # Equity at the previous session's close, as the broker reports it (the day's opening balance); None when
+    # the broker does not say (Futu's funds query has no such field). The daily loss baseline prefers it.
+    prev_close_equity: Decimal | None = None
 
 
 class Position(_Frozen):

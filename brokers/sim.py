@@ -33,7 +33,16 @@ every sim order (``FutuClient`` sends ``TimeInForce.DAY`` too): one still restin
 position carried overnight needs its stop re-armed. The state file records the account kind; a file written for
 one kind refuses to open as the other (``ConfigError``).
 
-Test knobs on ``SimExchange`` (persisted): ``apply_shock``, ``set_suspended``, ``fail_next_order``.
+Partial fills: ``limit_next_fill(n)`` makes the next fill book at most ``n`` shares; the rest of that order keeps
+working (status partially_filled) and fills on later bars like any resting limit. Real exchanges fill in pieces;
+this lets the agent's handling of partly filled entries and sells be exercised.
+
+The account's previous-close equity (``Account.prev_close_equity``) is what a broker reports as the day's
+opening balance: cash and holdings as they stood after the previous session, valued at that session's close.
+The sim records it on the first call of each day, after settling what the previous day's resting orders did.
+
+Test knobs on ``SimExchange`` (persisted): ``apply_shock``, ``set_suspended``, ``set_delisted``,
+``fail_next_order``, ``limit_next_fill``.
 """
 
 from __future__ import annotations
@@ -522,6 +531,9 @@ class _State:
     suspended: set[str] = field(default_factory=set)
     fail_next: str | None = None
     account_kind: AccountKind | None = None  # None until a SimBroker opens the account
+    delisted: set[str] = field(default_factory=set)
+    fill_cap: int | None = None  # the next fill books at most this many shares (limit_next_fill)
+    day_start: tuple[date, Decimal] | None = None  # (date, equity at the previous close), rolled on a new day
 
     def to_json(self, seed: int) -> dict[str, Any]:
         return {
@@ -537,6 +549,11 @@ class _State:
             "shocks": [{"symbol": s.symbol, "pct": s.pct, "at": s.at.isoformat()} for s in self.shocks],
             "suspended": sorted(self.suspended),
             "fail_next_order": self.fail_next,
+            "delisted": sorted(self.delisted),
+            "fill_cap": self.fill_cap,
+            "day_start": None
+            if self.day_start is None
+            else {"date": self.day_start[0].isoformat(), "equity": str(self.day_start[1])},
         }
 
     @classmethod
@@ -565,6 +582,13 @@ class _State:
                 ],
                 suspended=set(data.get("suspended", [])),
                 fail_next=data.get("fail_next_order"),
+                delisted=set(data.get("delisted", [])),
+                fill_cap=int(data["fill_cap"]) if data.get("fill_cap") is not None else None,
+                day_start=(
+                    (date.fromisoformat(data["day_start"]["date"]), Decimal(data["day_start"]["equity"]))
+                    if data.get("day_start")
+                    else None
+                ),
             )
         except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
             raise ConfigError(
@@ -649,13 +673,15 @@ class SimExchange:
             quotes = []
             for symbol in symbols:
                 inst = self.instrument(symbol)
-                if inst is not None:
+                if inst is not None and inst.symbol not in self._state.delisted:
                     quotes.append(self._quote(inst, now))
             return quotes
 
     def quote(self, symbol: str) -> Quote:
-        """The quote for one symbol. Raises ValueError when the sim does not list it."""
+        """The quote for one symbol. Raises ValueError when the sim does not list it (or it was delisted)."""
         inst = self._require(symbol)
+        if inst.symbol in self._state.delisted:
+            raise ValueError(f"Symbol {inst.symbol} was delisted from the sim exchange: it has no quote.")
         now = self.now()
         with self._transaction():
             return self._quote(inst, now)
@@ -745,6 +771,24 @@ class SimExchange:
                 self._state.suspended.add(target)
             else:
                 self._state.suspended.discard(target)
+            self._dirty = True
+
+    def set_delisted(self, symbol: str, delisted: bool = True) -> None:
+        """Make ``symbol`` unquotable (snapshots omit it, orders are rejected) while positions in it stay held."""
+        target = self._require(symbol).symbol
+        with self._transaction():
+            if delisted:
+                self._state.delisted.add(target)
+            else:
+                self._state.delisted.discard(target)
+            self._dirty = True
+
+    def limit_next_fill(self, quantity: int) -> None:
+        """Make the next fill (from any process sharing the state file) book at most ``quantity`` shares."""
+        if quantity <= 0:
+            raise ValueError(f"A fill limit must be a positive number of shares, not {quantity!r}.")
+        with self._transaction():
+            self._state.fill_cap = int(quantity)
             self._dirty = True
 
     def fail_next_order(self, message: str) -> None:
@@ -935,7 +979,9 @@ class SimExchange:
                 if self._depth == 1:
                     self._acquire_file()
                     self._reload_if_changed()
-                    self._settle_resting(self.now())
+                    now = self.now()
+                    self._roll_day(now)
+                    self._settle_resting(now)
                 yield
             finally:
                 self._depth -= 1
@@ -1031,6 +1077,21 @@ class SimExchange:
                 f"{bound.value}, or {fix}."
             )
 
+    def _roll_day(self, now: datetime) -> None:
+        """On the first call of a day, record the equity at the previous close (after what its orders did)."""
+        today = now.date()
+        if self._state.day_start is not None and self._state.day_start[0] == today:
+            return
+        midnight = datetime.combine(today, time(0, 0), tzinfo=HK_TZ)
+        self._settle_resting(midnight)
+        value = Decimal(0)
+        for symbol, holding in self._state.positions.items():
+            value += (
+                _milli_to_decimal(self._last_price_milli(UNIVERSE[_INDEX_OF[symbol]], midnight)[0]) * holding.quantity
+            )
+        self._state.day_start = (today, (self._state.cash + value).quantize(_CENT))
+        self._dirty = True
+
     def _costs(self, gross: Decimal) -> hkex.CostBreakdown:
         return hkex.trading_costs(gross, self.commission_pct, self.min_commission)
 
@@ -1039,38 +1100,53 @@ class SimExchange:
         total = Decimal(0)
         for order in self._state.orders:
             if order.is_active and order.side is Side.BUY and order.limit_price is not None:
-                gross = order.limit_price * order.quantity
+                gross = order.limit_price * (order.quantity - order.filled_quantity)
                 total += gross + self._costs(gross).total
         return total
 
     def _pending_sell(self, symbol: str) -> int:
-        return sum(o.quantity for o in self._state.orders if o.is_active and o.side is Side.SELL and o.symbol == symbol)
+        return sum(
+            o.quantity - o.filled_quantity
+            for o in self._state.orders
+            if o.is_active and o.side is Side.SELL and o.symbol == symbol
+        )
 
     def _fill(self, order: Order, price: Decimal, at: datetime) -> Order:
-        """Book a full fill of ``order`` at ``price``: cash, position, and the order's new state."""
-        gross = price * order.quantity
+        """Book a fill of what is left of ``order`` at ``price`` (at most ``fill_cap`` shares when a test set one):
+        cash, position, and the order's new state (filled, or partially filled with the rest still working)."""
+        quantity = order.quantity - order.filled_quantity
+        if self._state.fill_cap is not None:
+            quantity = min(quantity, self._state.fill_cap)
+            self._state.fill_cap = None
+        gross = price * quantity
         costs = self._costs(gross).total
         holding = self._state.positions.get(order.symbol)
         if order.side is Side.BUY:
             self._state.cash = (self._state.cash - gross - costs).quantize(_CENT)
             if holding is None:
-                self._state.positions[order.symbol] = _Holding(order.quantity, price)
+                self._state.positions[order.symbol] = _Holding(quantity, price)
             else:
-                quantity = holding.quantity + order.quantity
-                average = (holding.avg_cost * holding.quantity + gross) / quantity
-                self._state.positions[order.symbol] = _Holding(quantity, average.quantize(Decimal("0.0001")))
+                total = holding.quantity + quantity
+                average = (holding.avg_cost * holding.quantity + gross) / total
+                self._state.positions[order.symbol] = _Holding(total, average.quantize(Decimal("0.0001")))
         else:
-            assert holding is not None and holding.quantity >= order.quantity
+            assert holding is not None and holding.quantity >= quantity
             self._state.cash = (self._state.cash + gross - costs).quantize(_CENT)
-            if holding.quantity == order.quantity:
+            if holding.quantity == quantity:
                 del self._state.positions[order.symbol]
             else:
-                holding.quantity -= order.quantity
+                holding.quantity -= quantity
+        filled_quantity = order.filled_quantity + quantity
+        average_price = (
+            price
+            if order.filled_quantity == 0 or order.avg_fill_price is None
+            else ((order.avg_fill_price * order.filled_quantity + gross) / filled_quantity).quantize(Decimal("0.0001"))
+        )
         filled = order.model_copy(
             update={
-                "status": OrderStatus.FILLED,
-                "filled_quantity": order.quantity,
-                "avg_fill_price": price,
+                "status": OrderStatus.FILLED if filled_quantity == order.quantity else OrderStatus.PARTIALLY_FILLED,
+                "filled_quantity": filled_quantity,
+                "avg_fill_price": average_price,
                 "updated_at": at,
             }
         )
@@ -1120,7 +1196,8 @@ class SimExchange:
         Eligible bars start after the minute the order was placed in and no later than ``window_end``, so an
         order never trades on the bar it was placed in (deterministic, whatever the seconds).
         """
-        first_eligible = order.created_at.astimezone(HK_TZ).replace(second=0, microsecond=0) + _MINUTE
+        placed = order.updated_at if order.filled_quantity > 0 else order.created_at  # after its last fill
+        first_eligible = placed.astimezone(HK_TZ).replace(second=0, microsecond=0) + _MINUTE
         day = first_eligible.date()
         cal = _calendar()
         while day <= window_end.date():
@@ -1146,7 +1223,7 @@ class SimExchange:
                 # A gap through the limit fills at the (better) opening price of that bar.
                 better = bar_open <= limit_milli if order.side is Side.BUY else bar_open >= limit_milli
                 price = _milli_to_decimal(bar_open) if better else order.limit_price
-                gross = price * order.quantity
+                gross = price * (order.quantity - order.filled_quantity)
                 if order.side is Side.BUY and gross + self._costs(gross).total > self._state.cash:
                     return False  # cash went elsewhere; the order keeps resting until it expires
                 self._fill(order, price, starts[i])
@@ -1236,6 +1313,7 @@ class SimBroker:
                 equity=(cash + market_value).quantize(_CENT),
                 market_value=market_value.quantize(_CENT),
                 buying_power=(cash - ex._reserved_cash()).quantize(_CENT),
+                prev_close_equity=ex._state.day_start[1] if ex._state.day_start is not None else None,
             )
 
     def positions(self) -> list[Position]:
@@ -1356,6 +1434,8 @@ class SimBroker:
                 raise reject("the sim exchange does not list that symbol", "unknown_symbol")
             if inst.symbol in ex._state.suspended:
                 raise reject(f"{inst.symbol} is suspended from trading", "suspended")
+            if inst.symbol in ex._state.delisted:
+                raise reject(f"{inst.symbol} is delisted (it has no market)", "delisted")
             if is_stop and self.is_paper:
                 raise reject(
                     f"{request.order_type.value} orders are not supported by paper accounts (use limit or market; "

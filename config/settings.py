@@ -58,6 +58,9 @@ class SimSettings(_Section):
     starting_cash_hkd: Annotated[Decimal, Field(gt=0)] = Decimal(1_000_000)
     commission_pct: Annotated[float, Field(ge=0, lt=0.01)] = 0.0003
     min_commission_hkd: Annotated[Decimal, Field(ge=0)] = Decimal(3)
+    # paper: a Futu-like paper account (the guard enforces journal stops); real: a REAL-style account with
+    # broker-side stop orders, so real-account paths run end to end. The sim cannot move money either way.
+    account_kind: Literal["paper", "real"] = "paper"
 
 
 class BrokerSettings(_Section):
@@ -151,6 +154,9 @@ class AgentSettings(_Section):
     log_dir: Path = Path("logs")
     quote_ttl_s: Annotated[float, Field(ge=0, le=60)] = 5.0  # reuse a snapshot this long; 0 = always ask
     market_batching: bool = True  # false = one gateway request per symbol: the benchmark's naive mode only
+    # A trading cycle that finds a guard pass holding the account lock waits this long for it (a guard pass
+    # takes about a second); a guard never waits, and a cycle never waits for another cycle.
+    lock_wait_s: Annotated[float, Field(ge=0, le=300)] = 60.0
 
 
 class Settings(_Section):
