@@ -266,7 +266,7 @@ def build_sources(settings: Any, secrets: Any, clock: Any, live: bool) -> tuple[
             commission_pct=sim.commission_pct,
             min_commission=sim.min_commission_hkd,
         )
-        return SimBroker(exchange), exchange
+        return SimBroker(exchange, account_kind=sim.account_kind), exchange
     from brokers.futu import FutuClient
 
     futu = settings.broker.futu
@@ -308,7 +308,7 @@ def open_and_run(
         log.info("market_closed", status=status.description, next_open=status.next_open.isoformat(timespec="minutes"))
         return EXIT_OK
     lock_key = f"{settings.broker.name}:{settings.broker.futu.trd_env if settings.broker.name == 'futu' else 'sim'}"
-    holder = run.journal.try_lock(lock_key, f"{mode} run {run.run_id[:12]} pid {os.getpid()}")
+    holder = acquire_account_lock(run.journal, lock_key, mode, run, settings.agent.lock_wait_s, log)
     if holder is not None:
         from config.errors import LockHeld
 
@@ -325,6 +325,25 @@ def open_and_run(
     if mode == "guard":
         return run_guard(settings, run, broker, source, clock, log)
     return run_cycle(settings, secrets, run, broker, source, clock, mode, log)
+
+
+def acquire_account_lock(journal: Any, lock_key: str, mode: str, run: Run, wait_s: float, log: Any) -> str | None:
+    """Take the account lock; None when taken, else who holds it.
+
+    A guard never waits (it yields to a running cycle at once: the next pass is 5 minutes away). A trading cycle
+    that finds a guard pass holding the lock waits up to ``wait_s`` for it: a guard takes about a second, and
+    the cycle must not be lost to it. A cycle never waits for another cycle.
+    """
+    me = f"{mode} run {run.run_id[:12]} pid {os.getpid()}"
+    holder = journal.try_lock(lock_key, me)
+    if holder is None or mode == "guard" or not holder.startswith("guard"):
+        return holder
+    log.info("waiting_for_guard", holder=holder, max_wait_s=wait_s)
+    deadline = time.monotonic() + wait_s
+    while holder is not None and holder.startswith("guard") and time.monotonic() < deadline:
+        time.sleep(0.25)
+        holder = journal.try_lock(lock_key, me)
+    return holder
 
 
 # ------------------------------------------------------------------------------------------------ cycle
@@ -420,11 +439,12 @@ class Reconciliation:
 
 
 def reconcile(ctx: Any, run: Run, log: Any) -> Reconciliation:
-    """Before any decision: settle orders, adopt unknown positions, sync stops, re-arm broker-side stops."""
+    """Before any decision: settle orders, adopt unknown positions, sync stops, keep every position protected."""
     from decimal import Decimal
 
-    from brokers.base import Side
-    from tool_executor import arm_broker_stop, uses_broker_stops
+    from brokers import hkex
+    from brokers.base import OrderStatus, Side
+    from tool_executor import ensure_protection, is_working_entry, live_stops, stop_trigger, uses_broker_stops
 
     journal, risk = ctx.journal, ctx.settings.risk
     unresolved = reconcile_orders(ctx, log)
@@ -437,10 +457,28 @@ def reconcile(ctx: Any, run: Run, log: Any) -> Reconciliation:
             log.warning("positions_without_stop", positions=unknown, note="a real run or the guard adopts them")
         return Reconciliation(unresolved=unresolved, adopted=[], rearmed=[])
     adopted: list[str] = []
+    recovered: list[str] = []
+    entries_today = [
+        o for o in journal.orders_on(ctx.trading_date)
+        if o.side == Side.BUY and o.stop_loss is not None and o.filled_quantity > 0
+        and o.status not in (OrderStatus.DRY_RUN, OrderStatus.REJECTED)
+    ]  # fmt: skip
     for symbol, position in positions.items():
         stop = stops.get(symbol)
         if stop is None:
-            price = (position.avg_cost * (1 - Decimal(str(risk.default_stop_pct)))).quantize(Decimal("0.001"))
+            journalled = [o for o in entries_today if o.symbol == symbol]
+            if journalled:  # an order whose fate was settled later: it keeps the stop and target it was sent with
+                entry = journalled[-1]
+                assert entry.stop_loss is not None
+                price = stop_trigger(entry.stop_loss, ctx.trading_date)
+                journal.upsert_protective_stop(
+                    symbol, quantity=position.quantity, entry_price=entry.avg_fill_price or position.avg_cost,
+                    stop_loss=price, take_profit=entry.take_profit, source="entry", cycle_id=ctx.cycle_id,
+                )  # fmt: skip
+                recovered.append(f"{symbol} ({position.quantity}, stop {price}, target {entry.take_profit})")
+                continue
+            raw = position.avg_cost * (1 - Decimal(str(risk.default_stop_pct)))
+            price = stop_trigger(raw, ctx.trading_date) if raw >= hkex.MIN_PRICE else hkex.MIN_PRICE
             journal.upsert_protective_stop(
                 symbol, quantity=position.quantity, entry_price=position.avg_cost, stop_loss=price,
                 take_profit=None, source="adopted", cycle_id=ctx.cycle_id,
@@ -452,9 +490,11 @@ def reconcile(ctx: Any, run: Run, log: Any) -> Reconciliation:
                 take_profit=stop.take_profit, broker_stop_order_id=stop.broker_stop_order_id, source=stop.source,
                 cycle_id=ctx.cycle_id,
             )  # fmt: skip
-    working_entries = {o.symbol for o in ctx.view.open_orders() if o.is_active and o.side == Side.BUY}
+    working_entries = {o.symbol for o in ctx.view.open_orders() if is_working_entry(o)}
     for symbol in set(stops) - set(positions) - working_entries:
         journal.delete_protective_stop(symbol)  # flat: the stop has nothing left to protect
+    if recovered:
+        log.warning("positions_recovered", positions=recovered)
     if adopted:
         log.warning("positions_adopted", positions=adopted)
         run.alerter.send(
@@ -465,11 +505,18 @@ def reconcile(ctx: Any, run: Run, log: Any) -> Reconciliation:
         )
     rearmed: list[str] = []
     if uses_broker_stops(ctx):
-        live = {o.broker_order_id for o in ctx.view.open_orders() if o.is_active}
-        for symbol, stop in journal.protective_stops().items():
-            if symbol not in positions or stop.broker_stop_order_id in live:
+        failures: list[str] = []
+        for symbol in sorted(positions):  # each position on its own: one failure does not leave the others bare
+            row = journal.protective_stops().get(symbol)
+            had = row.broker_stop_order_id if row is not None else None
+            vanished = had is not None and had not in {o.broker_order_id for o in live_stops(ctx, symbol)}
+            try:
+                action = ensure_protection(ctx, symbol)
+            except Exception as exc:
+                failures.append(f"{symbol}: {exc}")
+                log.error("protection_failed", symbol=symbol, error=str(exc))
                 continue
-            if arm_broker_stop(ctx, symbol) is not None and stop.broker_stop_order_id:
+            if action == "armed" and vanished:
                 rearmed.append(symbol)
         if rearmed:
             run.alerter.send(
@@ -478,7 +525,24 @@ def reconcile(ctx: Any, run: Run, log: Any) -> Reconciliation:
                 priority="high",
                 event="guard_action",
             )
-    return Reconciliation(unresolved=unresolved, adopted=adopted, rearmed=rearmed)
+        if failures:
+            run.alerter.send(
+                "Could not protect positions",
+                "Broker-side stops could not be checked or placed for: " + "; ".join(failures),
+                priority="high",
+                event="guard_action",
+            )
+    return Reconciliation(unresolved=unresolved, adopted=adopted + recovered, rearmed=rearmed)
+
+
+def record_day_baseline(ctx: Any, log: Any) -> None:
+    """The daily loss baseline: written by whichever run comes first on a trading day (cycle or guard), from the
+    broker's previous-close equity when it reports one, else the equity the first run sees."""
+    account = ctx.view.account()
+    baseline = account.prev_close_equity if account.prev_close_equity else account.equity
+    if ctx.journal.record_equity_snapshot(ctx.trading_date, "start_of_day", baseline, account.cash, ctx.clock()):
+        source = "previous close" if account.prev_close_equity else "first run of the day"
+        log.info("day_baseline_recorded", equity=str(baseline), source=source)
 
 
 def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str | None) -> str:
@@ -522,7 +586,7 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     today = ctx.trading_date
     report = reconcile(ctx, run, log)  # first: it refreshes the broker view, which is then read once
     account = ctx.view.account()
-    journal.record_equity_snapshot(today, "start_of_day", account.equity, account.cash, clock())
+    record_day_baseline(ctx, log)
     journal.record_equity_snapshot(today, "cycle", account.equity, account.cash, clock())
     if report.unresolved:
         ctx.halt_reason = f"{len(report.unresolved)} order(s) with unknown fate: {', '.join(report.unresolved)}"
@@ -622,8 +686,11 @@ def halt_for_daily_loss(ctx: Any, run: Run, pnl: float, log: Any, close_all: Any
     reason = f"daily loss {pnl:.2%} past the -{settings.risk.max_daily_loss_pct:.1%} limit"
     flag = f"daily_loss_close:{today}"
     closed: list[Any] = []
-    if journal.get_flag(flag) is None or ctx.view.positions():
-        closed = close_all(ctx, reason)
+    from tool_executor import is_working_entry
+
+    working = [o for o in ctx.view.open_orders() if is_working_entry(o)]
+    if journal.get_flag(flag) is None or ctx.view.positions() or working:
+        closed = close_all(ctx, reason)  # cancels working entries first
         journal.set_flag(flag, reason, "agent")
         run.alerter.send(
             "Daily loss limit: all positions closed",
@@ -643,13 +710,16 @@ def halt_for_daily_loss(ctx: Any, run: Run, pnl: float, log: Any, close_all: Any
 def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log: Any) -> int:
     """No model: reconcile, enforce stops / take-profits / time stops / the daily loss limit, exit."""
     import safety
-    from tool_executor import close_all, close_position, risk_state
+    from data.market import trading_session
+    from tool_executor import cancel_working_entries, close_all, close_position, risk_state
 
     ctx = make_context(settings, run, broker, source, clock, dry_run=False)
     journal = run.journal
     status = ctx.market_status()
     report = reconcile(ctx, run, log)
     unresolved = report.unresolved
+    if trading_session(ctx.trading_date) is not None:
+        record_day_baseline(ctx, log)  # if the morning cycle failed, the guard still starts the day's baseline
     positions = ctx.view.positions()
     if not status.is_continuous:
         summary = f"nothing to enforce: {status.description}"
@@ -660,18 +730,34 @@ def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log
     state = risk_state(ctx, None)
     if safety.risk_mode(state, settings.risk) == "halted":
         return halt_for_daily_loss(ctx, run, safety.daily_pnl_pct(state) or 0.0, log, close_all)
-    quotes = {q.symbol: q for q in ctx.market.quotes(list(positions))} if positions else {}
-    exits = safety.guard_exits(positions, stops, quotes, status, settings.risk)
     actions = []
-    for symbol, reason in exits:
+    if safety.in_flatten_window(status, settings.risk):  # no entry may still be working in the closing auction
+        cancelled = cancel_working_entries(ctx, "before the close")
+        actions += [f"cancelled entry {text}" for text in cancelled]
+        positions = ctx.view.positions()  # a cancelled entry may have filled in part
+    quotes, unquoted = quotes_each(ctx, list(positions))
+    for symbol, error in unquoted.items():
+        actions.append(f"{symbol}: no quote ({error}); judged on the broker's last price")
+    if unquoted:
+        run.alerter.send(
+            "Guard could not quote positions",
+            "; ".join(f"{symbol}: {error}" for symbol, error in unquoted.items())
+            + ". The other positions were checked as usual.",
+            priority="high",
+            event="guard_action",
+        )
+    exits = safety.guard_exits(positions, stops, quotes, status, settings.risk)
+    closes: list[str] = []
+    for symbol, reason in exits:  # each on its own: a failed close leaves the others (and its stop) in place
         try:
             order = close_position(ctx, symbol, reason)
-            actions.append(f"{symbol}: {reason} -> {order.status.value}")
+            closes.append(f"{symbol}: {reason} -> {order.status.value}")
         except Exception as exc:
-            actions.append(f"{symbol}: {reason} -> FAILED {exc}")
+            closes.append(f"{symbol}: {reason} -> FAILED {exc}")
             log.error("guard_close_failed", symbol=symbol, error=str(exc))
-    if actions:
-        run.alerter.send("Guard closed positions", "\n".join(actions), event="guard_action")
+    if closes:
+        run.alerter.send("Guard closed positions", "\n".join(closes), event="guard_action")
+    actions += closes
     actions += [f"{symbol}: broker stop re-armed" for symbol in report.rearmed]
     actions += [f"adopted {text}" for text in report.adopted]
     summary = f"{len(positions)} position(s) checked; " + ("; ".join(actions) if actions else "no action")
@@ -680,6 +766,27 @@ def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log
     journal.finish_cycle(run.cycle_id, status="ok", finished_at=clock(), summary=summary)
     log.info("guard_finished", summary=summary)
     return EXIT_OK
+
+
+def quotes_each(ctx: Any, symbols: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Quotes for the guard: one request for all, and if that fails, one per symbol, so a position the market
+    data cannot quote (delisted, a gateway refusal) does not stop the others being checked."""
+    if not symbols:
+        return {}, {}
+    try:
+        return {q.symbol: q for q in ctx.market.quotes(symbols)}, {}
+    except Exception as exc:
+        import structlog
+
+        structlog.get_logger("agent").warning("guard_batch_quote_failed", error=str(exc))
+    quotes: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    for symbol in symbols:
+        try:
+            quotes[symbol] = ctx.market.quotes([symbol])[0]
+        except Exception as exc:
+            failed[symbol] = str(exc)[:300]
+    return quotes, failed
 
 
 def fail(exc: Exception, run: Run) -> int:

@@ -810,6 +810,15 @@ def evaluate_alert(subject: str, message: str, s: RiskState, lim: RiskSettings) 
 # ------------------------------------------------------------------------------------------- guard
 
 
+def in_flatten_window(status: Any, lim: RiskSettings) -> bool:
+    """Continuous trading in the day's last session with ``flatten_minutes_before_close`` or less to go: the
+    time to be flat, and for no entry to be working (unfilled orders would carry into the closing auction)."""
+    if not status.is_continuous or status.minutes_to_close is None:
+        return False
+    last_session = status.phase == "afternoon" or (status.is_half_day and status.phase == "morning")
+    return last_session and status.minutes_to_close <= lim.flatten_minutes_before_close
+
+
 def guard_exits(
     positions: dict[str, Position],
     stops: dict[str, Any],
@@ -831,7 +840,7 @@ def guard_exits(
     if not status.is_continuous:
         return exits
     minutes_left = status.minutes_to_close if status.minutes_to_close is not None else float("inf")
-    last_session = status.phase == "afternoon" or (status.is_half_day and status.phase == "morning")
+    flatten_now = in_flatten_window(status, lim)
     for symbol, position in sorted(positions.items()):
         if position.quantity <= 0:
             continue
@@ -845,7 +854,7 @@ def guard_exits(
         if has_price and stop is not None and stop.take_profit is not None and last >= stop.take_profit:
             exits.append((symbol, f"take profit {stop.take_profit} reached (last {last})"))
             continue
-        if lim.flatten_before_close and last_session and minutes_left <= lim.flatten_minutes_before_close:
+        if lim.flatten_before_close and flatten_now:
             exits.append((symbol, f"flatten before the close ({minutes_left:.1f} min left; no overnight positions)"))
             continue
         if (

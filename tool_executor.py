@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -186,15 +186,15 @@ class ToolExecutor:
             limit_price=limit,
         )
         if side == Side.SELL:
-            cancel_broker_stop(self.ctx, a.symbol)  # its shares are what this order sells
+            return order_result(sell_keeping_protection(self.ctx, request, reason=a.reason), verdict)
         order = place_order_write_ahead(self.ctx, request, stop_loss=stop, take_profit=target, reason=a.reason)
-        if side == Side.SELL:
-            arm_broker_stop(self.ctx, a.symbol)  # the rest of the position keeps a broker-side stop (REAL)
         # The stop a position lives under is recorded as soon as the entry is working (a dry run records
         # nothing: it must never touch the stops of the real account). The guard enforces it in paper; in a
-        # REAL account a broker-side stop order is armed once shares are held.
-        if side == Side.BUY and not self.ctx.dry_run and order.status != OrderStatus.REJECTED:
+        # REAL account the position's one broker-side stop is re-established for what is now held (an add-on
+        # replaces the old stop with one for the whole position; a working entry gets one when shares arrive).
+        if not self.ctx.dry_run and order.status != OrderStatus.REJECTED:
             held = self.ctx.view.positions().get(a.symbol)
+            existing = self.ctx.journal.protective_stops().get(a.symbol)
             entry = order.avg_fill_price or limit or Decimal(verdict.rounded.get("entry_price", "0"))
             self.ctx.journal.upsert_protective_stop(
                 symbol=a.symbol,
@@ -202,12 +202,11 @@ class ToolExecutor:
                 entry_price=entry,
                 stop_loss=stop,
                 take_profit=target,
-                broker_stop_order_id=None,
+                broker_stop_order_id=existing.broker_stop_order_id if existing else None,  # still live: track it
                 source="entry",
                 cycle_id=self.ctx.cycle_id,
             )
-            if order.filled_quantity > 0:
-                arm_broker_stop(self.ctx, a.symbol)
+            ensure_protection(self.ctx, a.symbol)
         return order_result(order, verdict)
 
     def close_position(self, a: tools.ClosePositionInput, verdict: safety.Verdict | None = None) -> Any:
@@ -359,86 +358,283 @@ def uses_broker_stops(ctx: CycleContext) -> bool:
     return not ctx.dry_run and not ctx.view.is_paper() and hasattr(ctx.broker, "place_stop_order")
 
 
-def arm_broker_stop(ctx: CycleContext, symbol: str) -> Order | None:
-    """Place (or re-place) the broker-side STOP sell for a held position and record its id. REAL only."""
+# ------------------------------------------------------------------------------------- position protection
+#
+# The protection invariant (docs/safety.md): in a REAL account every held position has exactly one live
+# broker-side stop, covering exactly the quantity not already being sold by another working sell, with its
+# trigger on the tick grid and its id in ``protective_stops``. ``ensure_protection`` re-establishes it for one
+# symbol from whatever state it finds (cancel and replace; a cancel is confirmed before its shares are relied
+# on); every path that changes a position or its sells ends by calling it. Paper accounts keep the journal
+# stop, which the guard enforces.
+
+STOP_ORDER_TYPES: frozenset[OrderType] = frozenset({OrderType.STOP, OrderType.STOP_LIMIT})
+CANCEL_CONFIRM_POLLS = 10  # a cancel is confirmed within about this many polls ...
+CANCEL_CONFIRM_POLL_S = 0.5  # ... this far apart, or treated as unconfirmed
+
+
+def is_protective_stop(order: Order) -> bool:
+    return order.side == Side.SELL and order.order_type in STOP_ORDER_TYPES
+
+
+def is_working_entry(order: Order) -> bool:
+    return order.is_active and order.side == Side.BUY and order.order_type not in STOP_ORDER_TYPES
+
+
+def live_stops(ctx: CycleContext, symbol: str) -> list[Order]:
+    """Working broker-side stop sells of ``symbol`` (in an account the agent runs, all of them are its own)."""
+    return [o for o in ctx.view.open_orders() if o.is_active and o.symbol == symbol and is_protective_stop(o)]
+
+
+def quantity_being_sold(orders: list[Order], symbol: str) -> int:
+    """Shares of ``symbol`` that working sells other than protective stops will sell."""
+    return sum(
+        o.quantity - o.filled_quantity
+        for o in orders
+        if o.is_active and o.symbol == symbol and o.side == Side.SELL and not is_protective_stop(o)
+    )
+
+
+def protected_quantity(position: Position, orders: list[Order], lot_size: int | None) -> int:
+    """What the position's stop must cover: held shares not already being sold, in whole lots when known."""
+    free = position.quantity - quantity_being_sold(orders, position.symbol)
+    if lot_size:
+        free = hkex.floor_to_lots(max(free, 0), lot_size)
+    return max(free, 0)
+
+
+def stop_trigger(stop_loss: Decimal, on: date) -> Decimal:
+    """A protective sell stop's trigger on the tick grid: rounded up (toward the market), never looser."""
+    return hkex.round_to_tick(stop_loss, Side.SELL, on)
+
+
+def cancel_confirmed(ctx: CycleContext, order: Order) -> bool:
+    """Cancel a working order and wait (bounded) until the broker says it no longer works; journal its state.
+
+    True when it is done (cancelled, or it filled meanwhile: the caller re-reads positions). False when the
+    broker has not confirmed: its shares (or cash) may still be reserved, so nothing may rely on them yet.
+    """
+    current: Order | None = order
+    try:
+        current = ctx.broker.cancel_order(order.broker_order_id)
+    except OrderRejected as exc:  # already finished (or unknown): ask what it is now
+        log.warning("cancel_refused", broker_order_id=order.broker_order_id, error=str(exc))
+        current = None
+    for attempt in range(CANCEL_CONFIRM_POLLS + 1):
+        if current is not None and not current.is_active:
+            break
+        if attempt:
+            time.sleep(CANCEL_CONFIRM_POLL_S)
+        current = ctx.broker.find_order(order.client_order_id) if order.client_order_id else None
+        if current is None:
+            still = [o for o in ctx.broker.open_orders() if o.broker_order_id == order.broker_order_id]
+            current = still[0] if still else order.model_copy(update={"status": OrderStatus.CANCELLED})
+    ctx.view.invalidate()
+    assert current is not None
+    if order.client_order_id and ctx.journal.get_order(order.client_order_id) is not None:
+        record_order_state(ctx, order.client_order_id, current)
+    confirmed = not current.is_active
+    log.info(
+        "order_cancelled" if confirmed else "cancel_unconfirmed",
+        broker_order_id=order.broker_order_id,
+        symbol=order.symbol,
+        side=order.side.value,
+        status=current.status.value,
+    )
+    return confirmed
+
+
+def release_broker_stops(ctx: CycleContext, symbol: str) -> None:
+    """Cancel a position's broker-side stops before selling it, so the two cannot both sell the same shares.
+
+    Raises OrderRejected when a cancel is not confirmed: the sell is not sent (its shares are still reserved).
+    """
+    if ctx.dry_run:
+        return
+    for order in live_stops(ctx, symbol):
+        if not cancel_confirmed(ctx, order):
+            raise OrderRejected(
+                f"Could not free {symbol} for a sell: the broker has not confirmed cancelling its stop order "
+                f"{order.broker_order_id}. No sell was sent; the guard retries on its next pass."
+            )
+
+
+def ensure_protection(ctx: CycleContext, symbol: str) -> str:
+    """Re-establish the protection invariant for one symbol and say what was done.
+
+    Returns ``"paper"`` (journal stop only), ``"flat"``, ``"untracked"`` (held but no journal stop yet:
+    reconciliation adopts it), ``"kept"``, ``"armed"``, ``"nothing_free"`` (every share is being sold),
+    ``"through_stop"`` (the price is at or below the stop: the guard closes it), ``"refused"`` (the broker
+    rejected the stop; journalled and alerted as a rejection) or ``"cancel_unconfirmed"``.
+    """
     if not uses_broker_stops(ctx):
-        return None
-    stop = ctx.journal.protective_stops().get(symbol)
+        return "paper"
+    journal = ctx.journal
     held = ctx.view.positions().get(symbol)
-    if stop is None or held is None or held.quantity <= 0:
-        return None
+    stops = live_stops(ctx, symbol)
+    row = journal.protective_stops().get(symbol)
+    if held is None or held.quantity <= 0:
+        for order in stops:  # nothing left to protect: a stop would only be rejected or sell nothing
+            cancel_confirmed(ctx, order)
+        return "flat"
+    if row is None:
+        return "untracked"
+    quote = ctx.view.quote(symbol)
+    trigger = stop_trigger(row.stop_loss, ctx.trading_date)
+    wanted = protected_quantity(held, ctx.view.open_orders(), quote.lot_size if quote else None)
+    if (
+        len(stops) == 1
+        and wanted > 0
+        and stops[0].quantity - stops[0].filled_quantity == wanted
+        and stops[0].aux_price == trigger
+    ):
+        if (row.broker_stop_order_id, row.quantity, row.stop_loss) != (
+            stops[0].broker_order_id,
+            held.quantity,
+            trigger,
+        ):
+            _save_stop(
+                ctx, row, quantity=held.quantity, stop_loss=trigger, broker_stop_order_id=stops[0].broker_order_id
+            )
+        return "kept"
+    for order in stops:  # wrong size, price or number: cancel them all, then place one that fits
+        if not cancel_confirmed(ctx, order):
+            ctx.alerter.send(
+                f"Stop of {symbol} could not be replaced",
+                f"The broker did not confirm cancelling stop order {order.broker_order_id}; the position keeps "
+                "that stop until the next pass resizes it.",
+                priority="high",
+                event="guard_action",
+            )
+            return "cancel_unconfirmed"
+    held = ctx.view.positions().get(symbol)  # a stop may have filled while it was being cancelled
+    if held is None or held.quantity <= 0:
+        return "flat"
+    wanted = protected_quantity(held, ctx.view.open_orders(), quote.lot_size if quote else None)
+    if wanted <= 0:
+        _save_stop(ctx, row, quantity=held.quantity, stop_loss=trigger, broker_stop_order_id=None)
+        return "nothing_free"
+    last = quote.last_price if quote is not None and quote.last_price > 0 else held.last_price
+    if last > 0 and trigger >= last:
+        _save_stop(ctx, row, quantity=held.quantity, stop_loss=trigger, broker_stop_order_id=None)
+        log.warning("stop_already_hit", symbol=symbol, stop=str(trigger), last=str(last))
+        return "through_stop"
     request = OrderRequest(
         client_order_id=ctx.new_client_order_id(),
         symbol=symbol,
         side=Side.SELL,
-        quantity=held.quantity,
+        quantity=wanted,
         order_type=OrderType.STOP,
-        aux_price=stop.stop_loss,
+        aux_price=trigger,
     )
     try:
         order = place_order_write_ahead(
-            ctx, request, stop_loss=stop.stop_loss, take_profit=stop.take_profit, reason="protective stop",
+            ctx, request, stop_loss=trigger, take_profit=row.take_profit, reason="protective stop",
             send=ctx.broker.place_stop_order,  # type: ignore[attr-defined]
         )  # fmt: skip
     except OrderRejected as exc:
-        # Journalled and alerted as a rejection; the guard keeps enforcing the stop from the journal.
+        # Journalled as a rejection; the guard keeps enforcing the stop from the journal meanwhile.
+        _save_stop(ctx, row, quantity=held.quantity, stop_loss=trigger, broker_stop_order_id=None)
         log.warning("broker_stop_refused", symbol=symbol, error=str(exc))
-        return None
+        return "refused"
+    _save_stop(ctx, row, quantity=held.quantity, stop_loss=trigger, broker_stop_order_id=order.broker_order_id)
+    log.info("broker_stop_armed", symbol=symbol, quantity=wanted, stop=str(trigger), held=held.quantity)
+    return "armed"
+
+
+def _save_stop(
+    ctx: CycleContext, row: Any, *, quantity: int, stop_loss: Decimal, broker_stop_order_id: str | None
+) -> None:
     ctx.journal.upsert_protective_stop(
-        symbol,
-        quantity=held.quantity,
-        entry_price=stop.entry_price,
-        stop_loss=stop.stop_loss,
-        take_profit=stop.take_profit,
-        broker_stop_order_id=order.broker_order_id,
-        source=stop.source,
+        row.symbol,
+        quantity=quantity,
+        entry_price=row.entry_price,
+        stop_loss=stop_loss,
+        take_profit=row.take_profit,
+        broker_stop_order_id=broker_stop_order_id,
+        source=row.source,
         cycle_id=ctx.cycle_id,
     )
-    ctx.view.invalidate()
-    log.info("broker_stop_armed", symbol=symbol, quantity=held.quantity, stop=str(stop.stop_loss))
-    return order
 
 
-def cancel_broker_stop(ctx: CycleContext, symbol: str) -> None:
-    """Cancel a position's broker-side stop before selling it, so the two cannot both sell."""
-    stop = ctx.journal.protective_stops().get(symbol)
-    if ctx.dry_run or stop is None or not stop.broker_stop_order_id:
+def after_sell(ctx: CycleContext, symbol: str) -> None:
+    """Once a sell is placed (or failed): forget the stop of a flat position, else protect what is left."""
+    if ctx.dry_run:
         return
-    live = {o.broker_order_id for o in ctx.view.open_orders() if o.is_active}
-    if stop.broker_stop_order_id in live:
-        ctx.broker.cancel_order(stop.broker_stop_order_id)
-        log.info("broker_stop_cancelled", symbol=symbol, broker_order_id=stop.broker_stop_order_id)
-        ctx.view.invalidate()
+    ctx.view.invalidate()
+    held = ctx.view.positions().get(symbol)
+    row = ctx.journal.protective_stops().get(symbol)
+    if held is None or held.quantity <= 0:
+        if row is not None and quantity_being_sold(ctx.view.open_orders(), symbol) == 0:
+            ctx.journal.delete_protective_stop(symbol)
+        ensure_protection(ctx, symbol)
+        return
+    if row is not None and row.quantity != held.quantity:
+        _save_stop(
+            ctx, row, quantity=held.quantity, stop_loss=row.stop_loss, broker_stop_order_id=row.broker_stop_order_id
+        )
+    ensure_protection(ctx, symbol)
+
+
+def sell_keeping_protection(ctx: CycleContext, request: OrderRequest, *, reason: str) -> Order:
+    """Sell shares of a position: free them from its stop first, and protect whatever remains afterwards,
+    also when the sell fails."""
+    try:
+        release_broker_stops(ctx, request.symbol)
+        return place_order_write_ahead(ctx, request, reason=reason)
+    finally:
+        after_sell(ctx, request.symbol)
+
+
+def cancel_working_entries(ctx: CycleContext, reason: str) -> list[str]:
+    """Cancel every working buy (before a flatten, close_all or the daily-loss halt: none may fill afterwards).
+
+    Returns what was cancelled, as text. A dry run cancels nothing: it never touches real orders.
+    """
+    if ctx.dry_run:
+        return []
+    done: list[str] = []
+    for order in [o for o in ctx.view.open_orders() if is_working_entry(o)]:
+        confirmed = cancel_confirmed(ctx, order)
+        text = f"BUY {order.quantity} {order.symbol} ({order.broker_order_id})"
+        done.append(text if confirmed else f"{text}: cancel NOT confirmed")
+        log.warning("entry_cancelled", order=text, confirmed=confirmed, reason=reason)
+    if done:
+        for symbol in {o for o in ctx.journal.protective_stops()} - set(ctx.view.positions()):
+            if not any(is_working_entry(o) and o.symbol == symbol for o in ctx.view.open_orders()):
+                ctx.journal.delete_protective_stop(symbol)  # its entry will never fill now
+    return done
 
 
 def close_position(ctx: CycleContext, symbol: str, reason: str) -> Order:
-    """Sell the whole position at the market (its broker-side stop is cancelled first)."""
-    cancel_broker_stop(ctx, symbol)
-    held = ctx.view.positions().get(symbol)
-    if held is None or held.sellable_quantity <= 0:
-        raise OrderRejected(f"Could not close {symbol}: no sellable position. No order was sent.")
-    quote = ctx.view.quote(symbol)
-    quantity = hkex.floor_to_lots(held.sellable_quantity, quote.lot_size) if quote else held.sellable_quantity
-    if quantity <= 0:
-        raise OrderRejected(
-            f"Could not close {symbol}: {held.sellable_quantity} shares are less than one board lot "
-            f"({quote.lot_size if quote else '?'}); odd lots trade only on the odd-lot market. No order was sent."
+    """Sell the whole position at the market (its broker-side stop is cancelled first; what is left after a
+    partial close, or after a failed one, keeps a stop)."""
+    try:
+        release_broker_stops(ctx, symbol)
+        held = ctx.view.positions().get(symbol)
+        if held is None or held.sellable_quantity <= 0:
+            raise OrderRejected(f"Could not close {symbol}: no sellable position. No order was sent.")
+        quote = ctx.view.quote(symbol)
+        quantity = hkex.floor_to_lots(held.sellable_quantity, quote.lot_size) if quote else held.sellable_quantity
+        if quantity <= 0:
+            raise OrderRejected(
+                f"Could not close {symbol}: {held.sellable_quantity} shares are less than one board lot "
+                f"({quote.lot_size if quote else '?'}); odd lots trade only on the odd-lot market. No order was sent."
+            )
+        request = OrderRequest(
+            client_order_id=ctx.new_client_order_id(),
+            symbol=symbol,
+            side=Side.SELL,
+            quantity=quantity,
+            order_type=OrderType.MARKET,
         )
-    request = OrderRequest(
-        client_order_id=ctx.new_client_order_id(),
-        symbol=symbol,
-        side=Side.SELL,
-        quantity=quantity,
-        order_type=OrderType.MARKET,
-    )
-    order = place_order_write_ahead(ctx, request, reason=reason)
-    if order.status == OrderStatus.FILLED and not ctx.dry_run:
-        ctx.journal.delete_protective_stop(symbol)
-    return order
+        return place_order_write_ahead(ctx, request, reason=reason)
+    finally:
+        after_sell(ctx, symbol)
 
 
 def close_all(ctx: CycleContext, reason: str) -> list[Order]:
-    """Close every long; one failure does not stop the others."""
+    """Cancel every working entry, then close every long; one failure does not stop the others."""
+    cancel_working_entries(ctx, reason)
     orders: list[Order] = []
     for symbol in list(ctx.view.positions()):
         try:
@@ -496,12 +692,12 @@ def _without_protective_stops(ctx: CycleContext) -> tuple[dict[str, Position], l
     """Positions and open orders as the rules should see them in a REAL account: our own broker-side stop is
     cancelled before any sell of its position, so its shares count as sellable and it is not "an open sell"."""
     positions, orders = ctx.view.positions(), ctx.view.open_orders()
-    stop_ids = {s.broker_stop_order_id for s in ctx.journal.protective_stops().values() if s.broker_stop_order_id}
+    stop_ids = {o.broker_order_id for o in orders if o.is_active and is_protective_stop(o)}
     if not stop_ids:
         return positions, orders
     adjusted = dict(positions)
     for order in orders:
-        if order.broker_order_id in stop_ids and order.is_active and order.symbol in adjusted:
+        if order.broker_order_id in stop_ids and order.symbol in adjusted:
             held = adjusted[order.symbol]
             freed = order.quantity - order.filled_quantity
             adjusted[order.symbol] = held.model_copy(

@@ -864,10 +864,12 @@ class Journal:
         )
 
     def count_trades_on(self, trading_date: date) -> int:
-        """Orders of the date that reached (or may have reached) the broker: all but dry_run and rejected."""
+        """Orders of the date that reached (or may have reached) the broker: all but dry_run and rejected, and
+        not the protective stop orders (placed, resized and replaced by code, they are not trades)."""
         count = self._scalar(
             f"count trades of {trading_date}",
-            "SELECT count(*) FROM orders WHERE trading_date = %s AND status <> ALL(%s)",
+            "SELECT count(*) FROM orders WHERE trading_date = %s AND status <> ALL(%s) "
+            "AND order_type NOT IN ('stop', 'stop_limit')",
             (trading_date, [s.value for s in sorted(NOT_TRADED_STATUSES)]),
         )
         return int(count)

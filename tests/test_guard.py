@@ -10,12 +10,14 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 
+from brokers import hkex
 from brokers.base import OrderRequest, OrderType, Side
 from brokers.sim import SimBroker
 from data.database import Journal
 from tests.agent_runner import run_agent, sim_at
 
 DAY = "2026-11-20"
+DATE = date.fromisoformat(DAY)
 
 
 def at(hhmm: str) -> str:
@@ -119,7 +121,9 @@ def test_a_position_the_journal_does_not_know_is_adopted_with_a_default_stop(
     fill = buy(state, at("10:15"), "HK.01299", 200)  # e.g. bought by hand in the app
     guard(project_env, at("10:20"))
     stop = journal.protective_stops()["HK.01299"]
-    assert stop.source == "adopted" and stop.stop_loss == (fill * Decimal("0.95")).quantize(Decimal("0.001"))
+    # 5 % under cost, rounded up onto the tick grid (a REAL account's broker stop would be refused off it).
+    assert stop.source == "adopted" and stop.stop_loss == hkex.round_to_tick(fill * Decimal("0.95"), Side.SELL, DATE)
+    assert hkex.is_on_tick(stop.stop_loss, DATE) and stop.stop_loss >= fill * Decimal("0.95")
     assert "reconciliation_mismatch" in [a.event for a in journal.alerts_since(datetime(2026, 11, 1).astimezone())]
     assert broker_at(state, at("10:20")).positions()  # adopted, not sold
 
