@@ -12,7 +12,9 @@ Usage: scripts/install_cron.sh [--install | --uninstall | --help]
 
 The schedule (times in UTC; Hong Kong is UTC+8 with no daylight saving), Monday to Friday:
   01:30, 05:00          trading cycles (09:30 and 13:00 HKT): agent.py
-  01:35-08:00 every 5'  the guard (09:35-16:00 HKT; the 01:30 cycle holds the lock): agent.py --guard
+  01:32-07:57 every 5'  the guard (09:32-15:57 HKT): agent.py --guard. Its minutes end in 2 and 7, so a guard
+                        never starts in the same minute as a cycle; a cycle that still finds one running waits
+                        for it (agent.lock_wait_s), while a guard yields to a running cycle at once.
   every 5 minutes       scripts/health_check.sh (every day: OpenD must stay up)
 The agent itself skips holidays, half-day afternoons and the lunch break.
 
@@ -64,10 +66,9 @@ block() {
 	printf '%s\n' "# Trading cycles at 09:30 and 13:00 HKT"
 	job "30 1 * * 1-5" "$PY $REPO/agent.py"
 	job "0 5 * * 1-5" "$PY $REPO/agent.py"
-	printf '%s\n' "# Guard every 5 minutes, 09:30-16:00 HKT"
-	job "35-55/5 1 * * 1-5" "$PY $REPO/agent.py --guard"
-	job "*/5 2-7 * * 1-5" "$PY $REPO/agent.py --guard"
-	job "0 8 * * 1-5" "$PY $REPO/agent.py --guard"
+	printf '%s\n' "# Guard every 5 minutes, 09:32-15:57 HKT (never in a cycle's minute)"
+	job "32-57/5 1 * * 1-5" "$PY $REPO/agent.py --guard"
+	job "2-57/5 2-7 * * 1-5" "$PY $REPO/agent.py --guard"
 	printf '%s\n' "# OpenD health check and missed-run alarm, every 5 minutes"
 	job "*/5 * * * *" "$REPO/scripts/health_check.sh"
 	printf '%s\n' "$MARK_END"

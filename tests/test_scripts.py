@@ -505,11 +505,41 @@ def expected_schedule(repo: Path) -> list[str]:
     return [
         job("30 1 * * 1-5", f"{py} {repo}/agent.py"),  # 09:30 HKT cycle
         job("0 5 * * 1-5", f"{py} {repo}/agent.py"),  # 13:00 HKT cycle
-        job("35-55/5 1 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 09:35-09:55 HKT (09:30 is the cycle)
-        job("*/5 2-7 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 10:00-15:55 HKT
-        job("0 8 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 16:00 HKT
+        job("32-57/5 1 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 09:32-09:57 HKT
+        job("2-57/5 2-7 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 10:02-15:57 HKT
         job("*/5 * * * *", f"{repo}/scripts/health_check.sh"),  # health check, every day
     ]
+
+
+def cron_minutes(line: str) -> set[tuple[int, int]]:
+    """The (hour, minute) pairs of a weekday crontab line (minute and hour fields: N, A-B, A-B/S, */S, *)."""
+
+    def expand(field: str, top: int) -> set[int]:
+        values: set[int] = set()
+        for part in field.split(","):
+            spec, _, step = part.partition("/")
+            low, high = (0, top) if spec == "*" else (int(spec.split("-")[0]), int(spec.split("-")[-1]))
+            values.update(range(low, high + 1, int(step or 1)))
+        return values
+
+    minute, hour = line.split()[:2]
+    return {(h, m) for h in expand(hour, 23) for m in expand(minute, 59)}
+
+
+def test_no_guard_starts_in_the_same_minute_as_a_trading_cycle() -> None:
+    """Issue 9 (6): the 13:00 cycle and a guard at 05:00 UTC raced for the lock and the cycle was skipped."""
+    result = run([str(CRON)], cwd=Path("/"))
+    lines = schedule_lines(result.stdout)
+    cycles = [line for line in lines if line.rstrip().endswith("cron.log 2>&1") and "agent.py;" in line]
+    guards = [line for line in lines if "agent.py --guard" in line]
+    assert len(cycles) == 2 and guards
+    cycle_minutes = set().union(*(cron_minutes(line) for line in cycles))
+    guard_minutes = set().union(*(cron_minutes(line) for line in guards))
+    assert cycle_minutes == {(1, 30), (5, 0)}
+    assert not cycle_minutes & guard_minutes
+    # ... and the guard still runs every 5 minutes through both sessions, including the pre-close flatten.
+    assert {(1, 32), (3, 57), (4, 57), (5, 2), (7, 52), (7, 57)} <= guard_minutes
+    assert len(guard_minutes) == 6 * 12 + 6
 
 
 def schedule_lines(text: str) -> list[str]:
