@@ -519,6 +519,7 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     import safety
     import tools
     from brain import ClaudeBrain, LoopResult, RulesBrain, run_tool_loop
+    from data.cycle_summary import summarize_cycle
     from tool_executor import ToolGate, close_all, risk_state
 
     ctx = make_context(settings, run, broker, source, clock, dry_run=mode == "dry_run")
@@ -597,9 +598,12 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     if result.stopped_by.startswith("budget") and journal.get_flag(f"budget_alert:{today}") is None:
         journal.set_flag(f"budget_alert:{today}", result.stopped_by, "agent")
         run.alerter.send("Cycle budget reached", result.stopped_by, event="budget")
-    summary = (result.final_text or "").strip()[:1500]
-    if result.stopped_by != "end_turn":
-        summary = f"[stopped: {result.stopped_by}] {summary}"
+    summary = summarize_cycle(  # facts from the journal and the broker first, then the brain's words, marked
+        ctx,
+        note=result.final_text or "",
+        stopped_by=result.stopped_by,
+        note_label="Model's note" if brain.name == "claude" else "Rules brain's note",
+    )
     u = result.usage
     journal.finish_cycle(
         run.cycle_id,
