@@ -91,7 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="confirm trading a REAL account (needs broker.futu.trd_env: REAL too; paper is the default)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug lines on the console too")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug lines on the console too, and the traceback of a failure (always in the log file; "
+        "CATALYST_RAISE=1 re-raises it)",
+    )
     return parser.parse_args(argv)
 
 
@@ -135,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return execute(args, run)
     except Exception as exc:  # the one place every failure becomes a line and an exit code
+        from config.logs import ensure_logging
+
+        ensure_logging(args.config, datetime.now(HKT), verbose=args.verbose)  # failed before logging was set up
         return fail(exc, run)
     finally:
         close_run(run)
@@ -574,6 +583,7 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     import safety
     import tools
     from brain import ClaudeBrain, LoopResult, RulesBrain, run_tool_loop
+    from data.cycle_summary import summarize_cycle
     from tool_executor import ToolGate, close_all, risk_state
 
     ctx = make_context(settings, run, broker, source, clock, dry_run=mode == "dry_run")
@@ -652,9 +662,12 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     if result.stopped_by.startswith("budget") and journal.get_flag(f"budget_alert:{today}") is None:
         journal.set_flag(f"budget_alert:{today}", result.stopped_by, "agent")
         run.alerter.send("Cycle budget reached", result.stopped_by, event="budget")
-    summary = (result.final_text or "").strip()[:1500]
-    if result.stopped_by != "end_turn":
-        summary = f"[stopped: {result.stopped_by}] {summary}"
+    summary = summarize_cycle(  # facts from the journal and the broker first, then the brain's words, marked
+        ctx,
+        note=result.final_text or "",
+        stopped_by=result.stopped_by,
+        note_label="Model's note" if brain.name == "claude" else "Rules brain's note",
+    )
     u = result.usage
     journal.finish_cycle(
         run.cycle_id,
@@ -792,23 +805,21 @@ def quotes_each(ctx: Any, symbols: list[str]) -> tuple[dict[str, Any], dict[str,
 def fail(exc: Exception, run: Run) -> int:
     """One ``run_failed`` line, the cycle marked ``error``, an alert attempted, a distinct exit code."""
     from config.errors import AgentError, BrokerUnavailable, LockHeld
+    from config.logs import file_only
 
     code = exc.exit_code if isinstance(exc, AgentError) else EXIT_ERROR
     message = f"{type(exc).__name__}: {exc}"
+    # An expected failure (exit 2-5) is told on the console by its message; its traceback goes to the log file
+    # (and to the console with -v). A bug (exit 1) shows it everywhere.
+    tb = {"traceback": traceback.format_exc(), **(file_only("traceback") if code != EXIT_ERROR else {})}
     try:
         import structlog
 
         log = structlog.get_logger("agent")
         if isinstance(exc, LockHeld):  # expected when cron lines meet: no error, no alert
-            log.warning("lock_held", error=str(exc), exit_code=code)
+            log.warning("lock_held", error=str(exc), exit_code=code, **tb)
         else:
-            log.error(
-                "run_failed",
-                error_class=type(exc).__name__,
-                error=str(exc),
-                traceback=traceback.format_exc(),
-                exit_code=code,
-            )
+            log.error("run_failed", error_class=type(exc).__name__, error=str(exc), exit_code=code, **tb)
     except Exception:  # logging itself broke: still say something
         print(f"run_failed: {message}", file=sys.stderr)
     if run.journal is not None and run.cycle_id is not None:

@@ -20,7 +20,14 @@ import safety
 import tools
 from brokers import hkex
 from brokers.base import Account, Broker, Clock, Order, OrderRequest, OrderStatus, OrderType, Position, Quote, Side
-from config.errors import AgentError, BrokerTemporaryError, BrokerUnavailable, OrderRejected, OrderStateUnknown
+from config.errors import (
+    AgentError,
+    BrokerRequestRefused,
+    BrokerTemporaryError,
+    BrokerUnavailable,
+    OrderRejected,
+    OrderStateUnknown,
+)
 from config.settings import Settings
 from data.alerts import Alerter
 from data.database import Journal, OrderIntent
@@ -858,3 +865,6 @@ class ToolGate:
             return ToolOutcome(result, is_error=False, allowed=True, reason=verdict.reason if verdict else "allowed")
         except (UnknownSymbol, OrderRejected, BrokerTemporaryError, OrderStateUnknown, ValueError) as exc:
             return ToolOutcome({"error": str(exc)}, is_error=True, allowed=True, reason=f"failed: {type(exc).__name__}")
+        except BrokerRequestRefused as exc:  # the gateway's answer will not change: say so, so no turn is spent on it
+            result = {"error": str(exc), "retry": "no: the same request gets the same answer; do not ask again"}
+            return ToolOutcome(result, is_error=True, allowed=True, reason=f"failed: {type(exc).__name__}")

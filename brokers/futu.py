@@ -3,8 +3,10 @@
 The only module that imports ``futu`` (lazily, so ``agent.py --help`` stays fast). Futu's field names stay in
 this file: every call site turns futu's ``(ret_code, data)`` into our models or into our errors, once:
 
-- ``BrokerTemporaryError``: timeouts, disconnects, rate limits and other failed reads. Reads and cancels are
-  retried (tenacity, a few attempts, short waits); after a rate-limit reply the limiter waits out the window.
+- ``BrokerTemporaryError``: timeouts, disconnects, rate limits, "busy". Reads and cancels are retried (tenacity,
+  a few attempts, short waits); after a rate-limit reply the limiter waits out the window.
+- ``BrokerRequestRefused``: OpenD answered no for a reason that will not change (unknown security, no right or
+  quota, unsupported request, invalid parameter, any other refusal): raised after one request, never retried.
 - ``OrderRejected``: the broker (or our pre-flight check of lot size and tick) refused an order.
 - ``BrokerUnavailable``: OpenD cannot be reached; raised within ``connect_timeout_s``, never an endless retry.
 - ``OrderStateUnknown``: ``place_order`` failed in a way that may have reached the broker, and the order could
@@ -69,6 +71,7 @@ from brokers.base import (
 )
 from config.errors import (
     AgentError,
+    BrokerRequestRefused,
     BrokerTemporaryError,
     BrokerUnavailable,
     ConfigError,
@@ -188,35 +191,87 @@ class RateLimiter:
 
 
 class Failure(StrEnum):
+    # Can get better by itself: retried (reads and cancels), waited out (rate limits).
     RATE_LIMITED = "rate_limited"
     TIMEOUT = "timeout"
     DISCONNECTED = "disconnected"
-    REFUSED = "refused"  # the broker answered and said no
+    BUSY = "busy"
+    # The broker answered and will answer the same again: raised at once, never retried.
+    UNKNOWN_SECURITY = "unknown_security"
+    NO_PERMISSION = "no_permission"  # no market right, or a quota (e.g. history K-line stocks) used up
+    UNSUPPORTED = "unsupported"
+    INVALID_PARAMETER = "invalid_parameter"
+    REFUSED = "refused"  # any other answer: the broker said no
 
 
-_RATE_LIMIT = re.compile(r"frequen|too many|rate.?limit|频率|频繁|太快", re.IGNORECASE)
-_TIMEOUT = re.compile(r"time.?out|超时", re.IGNORECASE)
-_DISCONNECTED = re.compile(
-    r"disconnect|connection (lost|closed)|not connected|context status bad|packeterr|send fail|broken pipe|"
-    r"connection reset|连接",
-    re.IGNORECASE,
+# futu-api hands us only OpenD's ``retMsg`` text (its ``retType``/``errCode`` are dropped in ``unpack_rsp``) or its
+# own transport texts (``PacketErr.Timeout``, ``Connect timeout``, ``Connection closed``). OpenD answers in English
+# or Chinese depending on its language setting, so both are matched. The first matching row wins: what can get
+# better is checked first, so a text that names both (a timeout while checking a right) is retried.
+_PATTERNS: tuple[tuple[Failure, re.Pattern[str]], ...] = (
+    (Failure.RATE_LIMITED, re.compile(r"frequen|too many|rate.?limit|频率|频繁|太快", re.IGNORECASE)),
+    (Failure.TIMEOUT, re.compile(r"time.?out|超时", re.IGNORECASE)),
+    (
+        Failure.DISCONNECTED,
+        re.compile(
+            r"disconnect|connection (lost|closed)|not connected|context status bad|packeterr|send fail|broken pipe|"
+            r"connection reset|连接",
+            re.IGNORECASE,
+        ),
+    ),
+    (Failure.BUSY, re.compile(r"\bbusy\b|繁忙|try again later|稍后(再|重)试", re.IGNORECASE)),
+    (
+        Failure.UNKNOWN_SECURITY,
+        re.compile(
+            r"unknown? (stock|security|code)|(stock|security) (does not|doesn't|not) exist|no such (stock|security)|"
+            r"未知股票|股票不存在|不存在的股票|未知证券",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        Failure.NO_PERMISSION,
+        re.compile(
+            r"no (right|permission|authority)|permission denied|not (authori[sz]ed|entitled)|\bquota\b|权限|无权|额度",
+            re.IGNORECASE,
+        ),
+    ),
+    (
+        Failure.UNSUPPORTED,
+        re.compile(r"not supported|unsupported|does not support|不支持|unknown proto", re.IGNORECASE),
+    ),
+    (
+        Failure.INVALID_PARAMETER,
+        re.compile(
+            r"param(eter)? error|invalid (param|argument|value)|wrong (type|value)|format of code|参数|非法",
+            re.IGNORECASE,
+        ),
+    ),
 )
 
 
 def classify_failure(text: str) -> Failure:
-    """Which kind of failure a futu error text describes. Unknown texts count as a refusal by the broker."""
-    if _RATE_LIMIT.search(text):
-        return Failure.RATE_LIMITED
-    if _TIMEOUT.search(text):
-        return Failure.TIMEOUT
-    if _DISCONNECTED.search(text):
-        return Failure.DISCONNECTED
+    """Which kind of failure a futu error text describes. A text no pattern knows counts as a refusal."""
+    for kind, pattern in _PATTERNS:
+        if pattern.search(text):
+            return kind
     return Failure.REFUSED
 
 
-TEMPORARY = frozenset({Failure.RATE_LIMITED, Failure.TIMEOUT, Failure.DISCONNECTED})
+TEMPORARY = frozenset({Failure.RATE_LIMITED, Failure.TIMEOUT, Failure.DISCONNECTED, Failure.BUSY})
 # Outcomes after which a sent order may exist at the broker even though the call failed.
 UNCERTAIN = frozenset({Failure.TIMEOUT, Failure.DISCONNECTED})
+# What the message says about each failure: why it happened and what happens next.
+_HINTS: dict[Failure, str] = {
+    Failure.RATE_LIMITED: "OpenD's rate limit was hit; the next call waits for the 30 s window",
+    Failure.TIMEOUT: "no reply within {timeout_s:g} s",
+    Failure.DISCONNECTED: "the connection to OpenD dropped; it is reopened on the next call",
+    Failure.BUSY: "OpenD or Futu's servers are busy; try again shortly",
+    Failure.UNKNOWN_SECURITY: "OpenD does not know this security: check the symbol",
+    Failure.NO_PERMISSION: "the account has no right or quota for this: check its market rights and quotas in OpenD",
+    Failure.UNSUPPORTED: "OpenD does not support this request: update OpenD or use another call",
+    Failure.INVALID_PARAMETER: "OpenD found a parameter invalid: fix the request",
+    Failure.REFUSED: "OpenD refused the request",
+}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Futu values -> ours
@@ -635,7 +690,11 @@ class FutuClient:
     # ------------------------------------------------------------------------------------------ calling futu
 
     def _attempt(self, ctx: Any, endpoint: str, what: str, call: Callable[[], tuple[Any, ...]]) -> Any:
-        """One futu call: pace it, run it, log the reply, return ``data`` or raise ``BrokerTemporaryError``."""
+        """One futu call: pace it, run it, log the reply, return ``data``.
+
+        Raises ``BrokerTemporaryError`` for what can get better (retried by ``_read``) and ``BrokerRequestRefused``
+        for an answer that will not change (never retried).
+        """
         self._limiter.acquire(endpoint)
         try:
             result = call()
@@ -649,13 +708,14 @@ class FutuClient:
         kind = classify_failure(text)
         if kind is Failure.RATE_LIMITED:
             self._limiter.saturate(endpoint)
-        hint = {
-            Failure.RATE_LIMITED: "OpenD's rate limit was hit; the next call waits for the 30 s window",
-            Failure.TIMEOUT: f"no reply within {self.settings.request_timeout_s:g} s",
-            Failure.DISCONNECTED: "the connection to OpenD dropped; it is reopened on the next call",
-            Failure.REFUSED: "OpenD refused the request",
-        }[kind]
-        raise BrokerTemporaryError(f"Futu {what} failed: {text} ({hint}).", code=kind.value)
+        hint = _HINTS[kind].format(timeout_s=self.settings.request_timeout_s)
+        if kind in TEMPORARY:
+            raise BrokerTemporaryError(f"Futu {what} failed: {text} ({hint}).", code=kind.value)
+        log.warning("futu_request_refused", call=what, reason=kind.value, error=text)
+        raise BrokerRequestRefused(
+            f"Futu {what} was refused: {text} ({hint}). Not retried: asking again will get the same answer.",
+            code=kind.value,
+        )
 
     def _read(self, kind: str, endpoint: str, what: str, call: Callable[[Any], tuple[Any, ...]]) -> Any:
         """A retried read (or cancel): up to ``retry_attempts`` tries, only on ``BrokerTemporaryError``."""
@@ -869,6 +929,11 @@ class FutuClient:
                 f"{describe}: could not read {symbol}'s lot size and tick first ({exc}). No order was sent.",
                 code=exc.code,
             ) from exc
+        except BrokerRequestRefused as exc:
+            raise OrderRejected(
+                f"{describe}: could not read {symbol}'s lot size and tick first ({exc}). No order was sent.",
+                code=exc.code,
+            ) from exc
         if not quotes:
             raise OrderRejected(
                 f"{describe}: OpenD knows no security {symbol}. No order was sent.", code="unknown_symbol"
@@ -935,7 +1000,7 @@ class FutuClient:
         )
         try:
             data = self._attempt(ctx, "place_order", "place_order", lambda: ctx.place_order(**kwargs))
-        except BrokerTemporaryError as exc:
+        except (BrokerTemporaryError, BrokerRequestRefused) as exc:
             return self._after_failed_placement(request, describe, exc)
         self._limiter.note("orders")  # futu follows every placement with its own order_list_query
         rows = _rows(data)
@@ -967,7 +1032,9 @@ class FutuClient:
         )
         return order
 
-    def _after_failed_placement(self, request: OrderRequest, describe: str, exc: BrokerTemporaryError) -> Order:
+    def _after_failed_placement(
+        self, request: OrderRequest, describe: str, exc: BrokerTemporaryError | BrokerRequestRefused
+    ) -> Order:
         kind = Failure(exc.code) if exc.code in {f.value for f in Failure} else Failure.DISCONNECTED
         try:
             found = self.find_order(request.client_order_id)
@@ -994,7 +1061,7 @@ class FutuClient:
                 "wait 30 s before placing another.",
                 code=kind.value,
             ) from exc
-        if kind is Failure.REFUSED:
+        if kind not in UNCERTAIN:  # OpenD answered no (busy, refused, unknown stock...): nothing was placed
             raise OrderRejected(f"{describe}: broker rejected it ({exc}). No order was sent.", code=kind.value) from exc
         raise OrderStateUnknown(
             f"{describe}: the request failed ({exc}) and no order with client order id {request.client_order_id} "
@@ -1022,14 +1089,12 @@ class FutuClient:
                 f"modify_order (cancel {broker_order_id})",
                 lambda ctx: ctx.modify_order(futu.ModifyOrderOp.CANCEL, broker_order_id, 0, 0, **self._trade_kwargs()),
             )
-        except BrokerTemporaryError as exc:
-            if exc.code != Failure.REFUSED.value:
-                raise
+        except BrokerRequestRefused as exc:
             current = self._find_by_id(broker_order_id)
             if current is not None and current.is_done:
                 return current  # already filled or cancelled: nothing left to cancel
             raise OrderRejected(
-                f"Could not cancel order {broker_order_id}: broker refused ({exc}).", code=Failure.REFUSED.value
+                f"Could not cancel order {broker_order_id}: broker refused ({exc}).", code=exc.code
             ) from exc
         order = self._find_by_id(broker_order_id)
         if order is None:

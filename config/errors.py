@@ -35,6 +35,21 @@ class BrokerTemporaryError(AgentError):
         self.code = code
 
 
+class BrokerRequestRefused(AgentError):
+    """The gateway answered a read or cancel with a refusal that asking again will not change: a request it
+    does not support, an invalid parameter, no permission or quota for that market, an unknown security.
+
+    Raised at once, never retried. Fix the request (the symbol, the parameter) or the account's market rights
+    and quotas in OpenD; the same call in two seconds gets the same answer.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, code: int | str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class OrderRejected(AgentError):
     """The broker refused an order. Nothing is open for it; read the message and change the order."""
 

@@ -2,13 +2,18 @@
 
 Secrets never reach a log line: values under secret-looking keys are replaced, and anything that looks like
 an API key or a DSN password is scrubbed from every string.
+
+Fields named in an event's ``file_only`` (see ``file_only()``) go to the JSON file but not to the console unless
+it is verbose: an expected failure's traceback is for the file, its message is for the person at the console.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,14 +54,32 @@ def redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> di
     return {k: _redact(v, k) for k, v in event_dict.items()}
 
 
-def _console_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    """The console is for a person: drop the per-run context fields every line repeats (the file keeps them)."""
-    for key in ("run_id", "mode"):
-        event_dict.pop(key, None)
-    stamp = event_dict.get("timestamp")
-    if isinstance(stamp, str) and "T" in stamp:
-        event_dict["timestamp"] = stamp.replace("T", " ")[:19]
+FILE_ONLY = "file_only"
+
+
+def file_only(*keys: str) -> dict[str, tuple[str, ...]]:
+    """Event fields for the log file only, e.g. ``log.error("run_failed", traceback=tb, **file_only("traceback"))``."""
+    return {FILE_ONLY: keys}
+
+
+def _drop_file_only_marker(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    event_dict.pop(FILE_ONLY, None)
     return event_dict
+
+
+def _console_processor(verbose: bool) -> Any:
+    def console_fields(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        """The console is for a person: drop the per-run context fields every line repeats, and the file-only
+        fields unless verbose (the file keeps all of them)."""
+        hidden = event_dict.pop(FILE_ONLY, ()) or ()
+        for key in ("run_id", "mode", *(() if verbose else hidden)):
+            event_dict.pop(key, None)
+        stamp = event_dict.get("timestamp")
+        if isinstance(stamp, str) and "T" in stamp:
+            event_dict["timestamp"] = stamp.replace("T", " ")[:19]
+        return event_dict
+
+    return console_fields
 
 
 def log_path(log_dir: Path, now: datetime) -> Path:
@@ -78,7 +101,7 @@ def configure_logging(log_dir: Path | None, now: datetime, *, verbose: bool = Fa
         structlog.stdlib.ProcessorFormatter(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                _console_fields,
+                _console_processor(verbose),
                 structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), pad_event_to=22, sort_keys=False),
             ],
             foreign_pre_chain=shared,
@@ -95,6 +118,7 @@ def configure_logging(log_dir: Path | None, now: datetime, *, verbose: bool = Fa
             structlog.stdlib.ProcessorFormatter(
                 processors=[
                     structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    _drop_file_only_marker,
                     structlog.processors.format_exc_info,
                     structlog.processors.JSONRenderer(default=str),
                 ],
@@ -118,3 +142,34 @@ def configure_logging(log_dir: Path | None, now: datetime, *, verbose: bool = Fa
         cache_logger_on_first_use=False,
     )
     return path
+
+
+def fallback_log_dir(config_path: str | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """The log folder of a run that failed before its settings loaded: the settings file's ``agent.log_dir`` if
+    it can be read (another key may be the invalid one), else the default ``logs/``."""
+    from config.settings import DEFAULT_SETTINGS_PATH, PROJECT_ROOT, interpolate
+
+    env = os.environ if env is None else env
+    default = PROJECT_ROOT / "logs"
+    path = Path(config_path or env.get("CATALYST_CONFIG") or DEFAULT_SETTINGS_PATH)
+    try:
+        import yaml
+
+        agent = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("agent") or {}
+        value = interpolate(agent.get("log_dir"), dict(env), "agent.log_dir")
+    except Exception:  # unreadable, not YAML, not a mapping, a missing ${VAR}: the default folder
+        return default
+    if not isinstance(value, str) or not value.strip():
+        return default
+    folder = Path(value)
+    return folder if folder.is_absolute() else PROJECT_ROOT / folder
+
+
+def ensure_logging(config_path: str | None, now: datetime, *, verbose: bool = False) -> Path | None:
+    """Set up logging if nothing has yet (a failure before the settings loaded): file in ``fallback_log_dir``."""
+    if structlog.is_configured():
+        return None
+    try:
+        return configure_logging(fallback_log_dir(config_path), now, verbose=verbose)
+    except OSError:  # the folder cannot be written: the console still gets the message
+        return configure_logging(None, now, verbose=verbose)

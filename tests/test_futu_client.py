@@ -34,6 +34,7 @@ from brokers.futu import (
 )
 from brokers.sim import SimBroker, SimExchange
 from config.errors import (
+    BrokerRequestRefused,
     BrokerTemporaryError,
     BrokerUnavailable,
     ConfigError,
@@ -563,17 +564,78 @@ ERROR_TABLE = [
     ),
     Case("read, rate limit", lambda f: f.rate_limit_next(2101), lambda c, e: c.account(), None, 2101, 2),
     Case("read, disconnect", lambda f: f.drop_next(2201, perform=False), lambda c, e: c.open_orders(), None, 2201, 2),
-    # reads: a failure on every attempt surfaces as BrokerTemporaryError after 3 tries
+    # reads: a temporary failure on every attempt surfaces as BrokerTemporaryError after 3 tries
     Case(
-        "read, persistent refusal",
-        _times(3, lambda f: f.fail_next(2102, msg="No quote right")),
+        "read, persistent timeout",
+        _times(3, lambda f: f.fail_next(2102, msg="NN_ProtoRet_TimeOut")),
         lambda c, e: c.positions(),
         BrokerTemporaryError,
         2102,
         3,
     ),
+    # reads: an answer that cannot change is raised after one request, never retried
+    Case(
+        "read, no right",
+        lambda f: f.refuse_next(2102, "no_permission_zh"),
+        lambda c, e: c.positions(),
+        BrokerRequestRefused,
+        2102,
+        1,
+    ),
+    Case(
+        "read, unknown stock",
+        lambda f: f.refuse_next(3203, "unknown_security"),
+        lambda c, e: c.snapshots([TENCENT]),
+        BrokerRequestRefused,
+        3203,
+        1,
+    ),
+    Case(
+        "read, K-line quota",
+        lambda f: f.refuse_next(3103, "quota"),
+        lambda c, e: c.klines(TENCENT, "1d", 20),
+        BrokerRequestRefused,
+        3103,
+        1,
+    ),
+    Case(
+        "read, invalid parameter",
+        lambda f: f.refuse_next(2101, "invalid_parameter"),
+        lambda c, e: c.account(),
+        BrokerRequestRefused,
+        2101,
+        1,
+    ),
+    Case(
+        "read, unsupported",
+        lambda f: f.refuse_next(1002, "unsupported"),
+        lambda c, e: c.market_state(),
+        BrokerRequestRefused,
+        1002,
+        1,
+    ),
+    Case(
+        "read, unknown refusal",
+        lambda f: f.fail_next(2201, msg="Account frozen"),
+        lambda c, e: c.open_orders(),
+        BrokerRequestRefused,
+        2201,
+        1,
+    ),
+    # the read before a placement is refused: the order is refused, nothing is sent
+    Case(
+        "place, quote refused first", lambda f: f.refuse_next(3203, "no_permission"), _place, OrderRejected, 3203, 1, 0
+    ),
     # cancels are retried like reads
     Case("cancel, rate limit", lambda f: f.rate_limit_next(2205), _place_and_cancel, None, 2205, 2),
+    Case(
+        "cancel, refused",
+        lambda f: f.fail_next(2205, msg="Order cannot be modified"),
+        _place_and_cancel,
+        OrderRejected,
+        2205,
+        1,
+    ),
     # placements are never retried
     Case("place, rate limit", lambda f: f.rate_limit_next(2202), _place, OrderRejected, 2202, 1, 0),
     Case(
@@ -612,6 +674,20 @@ def test_each_failure_becomes_the_right_error_and_only_reads_retry(
     assert fake.errors == []
 
 
+def test_a_refusal_that_cannot_change_is_raised_once_with_its_reason(
+    client: FutuClient, fake: FakeOpenD, fake_time: FakeTime
+) -> None:
+    fake.refuse_next(QOT_GET_SECURITY_SNAPSHOT, "unknown_security", code="09999")
+    fake_time.sleeps.clear()
+    with pytest.raises(BrokerRequestRefused, match=r"Unknow stock09999 \(OpenD does not know this security") as caught:
+        client.snapshots(["HK.09999"])
+    assert caught.value.code == Failure.UNKNOWN_SECURITY.value
+    assert "Not retried: asking again will get the same answer" in str(caught.value)
+    assert fake.count(QOT_GET_SECURITY_SNAPSHOT) == 1
+    assert fake_time.sleeps == []  # no back-off either: the call failed at once
+    assert client.snapshots([TENCENT])[0].symbol == TENCENT  # the client still works
+
+
 def test_uncertain_placement_message_says_to_reconcile(
     client: FutuClient, fake: FakeOpenD, exchange: SimExchange
 ) -> None:
@@ -634,6 +710,17 @@ def test_uncertain_placement_message_says_to_reconcile(
         ("Disconnect", Failure.DISCONNECTED),  # futu: the link dropped with the request in flight
         ("Connection closed", Failure.DISCONNECTED),
         ("Context status bad", Failure.DISCONNECTED),
+        ("NN_ProtoRet_TimeOut", Failure.TIMEOUT),  # OpenD's own timeout answer (py-futu-api #9, #234)
+        ("系统繁忙，请稍后重试", Failure.BUSY),
+        ("Unknow stock01835", Failure.UNKNOWN_SECURITY),  # OpenD's spelling (futuquant #160)
+        ("未知股票", Failure.UNKNOWN_SECURITY),
+        ("No right to subscribe 00700", Failure.NO_PERMISSION),  # py-futu-api #130
+        ("行情权限不足", Failure.NO_PERMISSION),  # py-futu-api #3
+        ("无权限订阅US.GOOG的行情，请检查美国市场股票行情权限", Failure.NO_PERMISSION),  # py-futu-api #230
+        ("历史K线额度不足", Failure.NO_PERMISSION),
+        ("This protocol is not supported by this OpenD version", Failure.UNSUPPORTED),
+        ("缺少必要的参数: securityFirm", Failure.INVALID_PARAMETER),  # py-futu-api #81
+        ("ERROR. format of code 00700 is wrong. (US.AAPL, HK.00700, SZ.000001)", Failure.INVALID_PARAMETER),
         ("Insufficient buying power", Failure.REFUSED),
         ("", Failure.REFUSED),
     ],
@@ -704,3 +791,34 @@ def test_the_account_list_is_read_at_connect_only_not_before_every_trade_call(
     client.positions()
     client.account()
     assert fake.count(TRD_GET_ACC_LIST) == reconnected
+
+
+def test_the_model_is_told_a_refused_read_is_not_worth_asking_again(
+    connect: Callable[..., FutuClient], fake: FakeOpenD, journal: Any
+) -> None:
+    """Through the gate the model uses: one request reaches OpenD, and the tool error says not to retry."""
+    import uuid
+
+    import agent
+    from config.settings import Settings
+    from data.alerts import Alerter
+    from tool_executor import ToolGate
+
+    settings = Settings.model_validate({"broker": {"name": "futu"}})
+    client = connect()
+    run = agent.Run(run_id=uuid.uuid4().hex, journal=journal)
+    run.cycle_id = journal.start_cycle(
+        run_id=run.run_id, mode="trade", broker="futu", brain="claude", model=None, started_at=NOW,
+        trading_date=NOW.date(),
+    )  # fmt: skip
+    run.alerter = Alerter(settings.alerts, None, journal)
+    gate = ToolGate(agent.make_context(settings, run, client, client, clock, dry_run=False))
+    fake.clear_requests()
+    fake.refuse_next(QOT_GET_SECURITY_SNAPSHOT, "no_permission_zh")
+    outcome = gate.handle("get_quote", {"symbol": "700"})
+    assert outcome.is_error and outcome.allowed
+    assert "行情权限不足" in outcome.result["error"] and "no right or quota" in outcome.result["error"]
+    assert outcome.result["retry"].startswith("no: the same request gets the same answer")
+    assert fake.count(QOT_GET_SECURITY_SNAPSHOT) == 1
+    (call,) = journal.tool_calls(run.cycle_id)
+    assert call.reason == "failed: BrokerRequestRefused" and call.is_error

@@ -93,6 +93,21 @@ PB_MODULES: dict[int, str] = {
 # documented, so the adapter matches on keywords ("frequen", "too many", 频率 ...) rather than this string.
 RATE_LIMIT_MSG = "Request frequency too high: at most {limit} requests per 30 seconds for this interface (频率太高)"
 
+# OpenD's refusals that asking again cannot change, as users of real OpenD have reported them (futu-api passes
+# only ``retMsg`` on; ``retType`` is -1, or -500 "RetType_Invalid" for a malformed request). Sources: py-futu-api
+# issues #3 (行情权限不足), #130 ("No right to subscribe 00700"), #81 (缺少必要的参数: securityFirm), futuquant
+# issue #160 ("Unknow stock01835", OpenD's spelling). The "quota" and "unsupported" wordings are
+# representative, not quoted.
+REFUSALS: dict[str, tuple[int, str]] = {
+    "unknown_security": (-1, "Unknow stock{code}"),
+    "unknown_security_zh": (-1, "未知股票"),
+    "no_permission": (-1, "No right to subscribe {code}"),
+    "no_permission_zh": (-1, "行情权限不足"),
+    "quota": (-1, "历史K线额度不足"),
+    "invalid_parameter": (-500, "缺少必要的参数: securityFirm"),
+    "unsupported": (-1, "This protocol is not supported by this OpenD version"),
+}
+
 # Futu enum numbers (Qot_Common / Trd_Common protos).
 QOT_MARKET_HK = 1
 TRD_SEC_MARKET_HK = 1
@@ -305,6 +320,11 @@ class FakeOpenD:
         """The next request of this proto gets an error reply; nothing is performed."""
         with self._lock:
             self._faults[proto_id].append(_Fault("fail", ret_type=ret_type, msg=msg))
+
+    def refuse_next(self, proto_id: int, reason: str, code: str = "00700") -> None:
+        """The next request of this proto gets one of OpenD's permanent refusals (``REFUSALS``); nothing is done."""
+        ret_type, msg = REFUSALS[reason]
+        self.fail_next(proto_id, ret_type=ret_type, msg=msg.format(code=code))
 
     def rate_limit_next(self, proto_id: int, n: int = 1) -> None:
         """The next ``n`` requests of this proto get Futu's rate-limit error; nothing is performed."""
