@@ -13,6 +13,8 @@ Usage: scripts/install_cron.sh [--install | --uninstall | --help]
 The schedule (times in UTC; Hong Kong is UTC+8 with no daylight saving), Monday to Friday:
   01:30, 05:00          trading cycles (09:30 and 13:00 HKT): agent.py
   01:35-08:00 every 5'  the guard (09:35-16:00 HKT; the 01:30 cycle holds the lock): agent.py --guard
+  08:30                 journal backup (16:30 HKT, after the close): scripts/backup.sh
+  08:45 (every day)     log retention and rotation: python -m data.housekeeping
   every 5 minutes       scripts/health_check.sh (every day: OpenD must stay up)
 The agent itself skips holidays, half-day afternoons and the lunch break.
 
@@ -68,6 +70,9 @@ block() {
 	job "35-55/5 1 * * 1-5" "$PY $REPO/agent.py --guard"
 	job "*/5 2-7 * * 1-5" "$PY $REPO/agent.py --guard"
 	job "0 8 * * 1-5" "$PY $REPO/agent.py --guard"
+	printf '%s\n' "# Journal backup after the close (16:30 HKT); log retention and rotation every day"
+	job "30 8 * * 1-5" "$REPO/scripts/backup.sh"
+	job "45 8 * * *" "$PY -m data.housekeeping"
 	printf '%s\n' "# OpenD health check and missed-run alarm, every 5 minutes"
 	job "*/5 * * * *" "$REPO/scripts/health_check.sh"
 	printf '%s\n' "$MARK_END"
