@@ -145,8 +145,7 @@ def _client_args(dsn: str) -> tuple[str, dict[str, str]]:
         ) from None
     password = params.pop("password", None)
     env = dict(os.environ)
-    env.pop("PGPASSWORD", None)
-    if password:
+    if password:  # otherwise libpq's own sources (PGPASSWORD, ~/.pgpass) apply as usual
         env["PGPASSWORD"] = str(password)
     env.setdefault("PGCONNECT_TIMEOUT", "10")
     return make_conninfo("", **{k: v for k, v in params.items() if v is not None}), env

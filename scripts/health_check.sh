@@ -354,7 +354,7 @@ if [[ -n "$disk_cmd" ]]; then
 		if ((now - last_disk_alert >= DISK_ALERT_EVERY_S)); then
 			printf '%s\n' "$now" >"$STATE_DIR/disk_alerted"
 			previous_alert="$ALERT_RESULT"
-			send_alert "Low disk space on $(hostname)" \
+			send_alert "Low disk space on ${HOSTNAME:-$(uname -n)}" \
 				"The health check found little free disk: $(last_line "$disk_output").
 
 Below housekeeping.min_free_disk_mb a trading cycle refuses to start (no orders); a full disk stops the
