@@ -302,6 +302,9 @@ def open_and_run(
 
     # An alerter before the journal, so "the journal is down" can itself be alerted.
     run.alerter = Alerter(settings.alerts, secrets.smtp_password, None)
+    from data.housekeeping import check_disk_before_run
+
+    check_disk_before_run(settings, secrets, mode)  # a full disk stops a cycle here, before any journal write
     run.journal = Journal.open(settings, secrets)
     run.alerter = Alerter(settings.alerts, secrets.smtp_password, run.journal)
     brain_name = "none" if mode == "guard" else settings.agent.brain

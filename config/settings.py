@@ -148,6 +148,35 @@ class DatabaseSettings(_Section):
     embedded_dir: Path = Path("var/pg")
 
 
+class BackupSettings(_Section):
+    """Journal backups (``scripts/backup.sh``): pg_dump custom-format files, verified, with retention."""
+
+    dir: Path = Path("var/backups")
+    keep_daily: Annotated[int, Field(ge=1, le=366)] = 14  # the newest backup of each of the last N days
+    keep_weekly: Annotated[int, Field(ge=0, le=520)] = 8  # ... and of each of the last N ISO weeks
+    pg_bin_dir: Path | None = None  # pg_dump, pg_restore, psql; None = the ones bundled with pgserver
+    timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 1800
+
+
+class HousekeepingSettings(_Section):
+    """Log retention (``python -m data.housekeeping``, nightly) and the free-disk thresholds."""
+
+    compress_logs_after_days: Annotated[int, Field(ge=1, le=3650)] = 7  # agent-YYYYMMDD.log -> .log.gz
+    delete_logs_after_days: Annotated[int, Field(ge=2, le=3650)] = 90
+    rotate_log_mb: Annotated[float, Field(gt=0, le=10_000)] = 10  # cron.log, health.log
+    rotated_logs_kept: Annotated[int, Field(ge=1, le=100)] = 5
+    min_free_disk_mb: Annotated[int, Field(ge=0)] = 500  # below this a trading cycle refuses to start
+    warn_free_disk_mb: Annotated[int, Field(ge=0)] = 2048  # below this the health check alerts
+
+    @field_validator("delete_logs_after_days")
+    @classmethod
+    def _delete_after_compress(cls, v: int, info: Any) -> int:
+        compress = info.data.get("compress_logs_after_days")
+        if compress is not None and v <= compress:
+            raise ValueError(f"must be greater than housekeeping.compress_logs_after_days ({compress})")
+        return v
+
+
 class AgentSettings(_Section):
     brain: Literal["claude", "rules"] = "claude"
     scan_limit: Annotated[int, Field(ge=1, le=50)] = 10
@@ -167,6 +196,8 @@ class Settings(_Section):
     alerts: AlertSettings = AlertSettings()
     database: DatabaseSettings = DatabaseSettings()
     agent: AgentSettings = AgentSettings()
+    backup: BackupSettings = BackupSettings()
+    housekeeping: HousekeepingSettings = HousekeepingSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     def resolve(self, path: Path) -> Path:

@@ -11,12 +11,14 @@ Usage: scripts/health_check.sh [--help]
 Checks the Futu OpenD gateway: the TCP port, then a real API call (the gateway's global state) within a
 timeout. If either fails it restarts the container (no more than once per cooldown),
 waits, checks again and sends a high-priority alert (python -m data.alerts) if OpenD is still unhealthy.
-It then runs `agent.py --check`, which alerts (once per missed cycle) when a scheduled cycle did not run today.
+It then runs `agent.py --check`, which alerts (once per missed cycle) when a scheduled cycle did not run today,
+and checks free disk space (python -m data.housekeeping --disk), alerting below housekeeping.warn_free_disk_mb
+(at most once per CATALYST_HEALTH_DISK_ALERT_EVERY_S).
 
 Writes ONE line per run to logs/health.log and to standard output.
 
-Exit status: 0 healthy (including "recovered after a restart"), 1 unhealthy (OpenD down or a missed run),
-2 bad usage or settings.
+Exit status: 0 healthy (including "recovered after a restart"), 1 unhealthy (OpenD down, a missed run or low
+disk), 2 bad usage or settings.
 
 Environment (all optional):
   OPEND_HOST, OPEND_PORT            gateway address (default 127.0.0.1:11111)
@@ -34,6 +36,9 @@ Environment (all optional):
   CATALYST_HEALTH_LOG               log file (default <repo>/logs/health.log)
   CATALYST_MISSED_RUN_CMD           missed-run check, run with bash -c in the checkout (default: agent.py --check
                                     when agent.py supports it); set it empty to turn the check off
+  CATALYST_DISK_CHECK_CMD           free-disk check, run with bash -c in the checkout: exit 0 enough, 1 low
+                                    (default: python -m data.housekeeping --disk); set it empty to turn it off
+  CATALYST_HEALTH_DISK_ALERT_EVERY_S  minimum time between two low-disk alerts (default 21600)
 EOF
 }
 
@@ -68,13 +73,14 @@ API_TIMEOUT_S="${CATALYST_HEALTH_API_TIMEOUT_S:-30}"
 TCP_TIMEOUT_S="${CATALYST_HEALTH_TCP_TIMEOUT_S:-5}"
 WAIT_S="${CATALYST_HEALTH_WAIT_S:-60}"
 COOLDOWN_S="${CATALYST_HEALTH_COOLDOWN_S:-900}"
+DISK_ALERT_EVERY_S="${CATALYST_HEALTH_DISK_ALERT_EVERY_S:-21600}"
 STATE_DIR="${CATALYST_HEALTH_STATE_DIR:-$REPO/var/health}"
 LOG_FILE="${CATALYST_HEALTH_LOG:-$REPO/logs/health.log}"
 API_CMD="${CATALYST_HEALTH_API_CMD:-}"
 
 for pair in "OPEND_PORT=$OPEND_PORT" "CATALYST_HEALTH_API_TIMEOUT_S=$API_TIMEOUT_S" \
 	"CATALYST_HEALTH_TCP_TIMEOUT_S=$TCP_TIMEOUT_S" "CATALYST_HEALTH_WAIT_S=$WAIT_S" \
-	"CATALYST_HEALTH_COOLDOWN_S=$COOLDOWN_S"; do
+	"CATALYST_HEALTH_COOLDOWN_S=$COOLDOWN_S" "CATALYST_HEALTH_DISK_ALERT_EVERY_S=$DISK_ALERT_EVERY_S"; do
 	if ! [[ "${pair#*=}" =~ ^[0-9]+$ ]]; then
 		echo "health_check.sh: ${pair%%=*} must be a whole number, not '${pair#*=}'" >&2
 		exit 2
@@ -322,12 +328,53 @@ if [[ -n "$missed_cmd" ]]; then
 	fi
 fi
 
+# ------------------------------------------------------------------------------------------------ free disk
+
+DISK="off"
+if [[ -n "${CATALYST_DISK_CHECK_CMD+set}" ]]; then
+	disk_cmd="$CATALYST_DISK_CHECK_CMD"
+elif [[ -f "$REPO/data/housekeeping.py" ]]; then
+	disk_cmd="$(printf '%q -m data.housekeeping --disk' "$PY")"
+else
+	disk_cmd=""
+	DISK="unsupported"
+fi
+if [[ -n "$disk_cmd" ]]; then
+	disk_rc=0
+	disk_output="$(cd "$REPO" && timeout -k 5 60 bash -c "$disk_cmd" 2>&1 9>&-)" || disk_rc=$?
+	note "disk: $(last_line "$disk_output")"
+	if ((disk_rc == 0)); then
+		DISK="ok"
+	elif ((disk_rc == 1)); then
+		DISK="low"
+		HEALTHY=0
+		now="$(date +%s)"
+		last_disk_alert="$(cat "$STATE_DIR/disk_alerted" 2>/dev/null || echo 0)"
+		[[ "$last_disk_alert" =~ ^[0-9]+$ ]] || last_disk_alert=0
+		if ((now - last_disk_alert >= DISK_ALERT_EVERY_S)); then
+			printf '%s\n' "$now" >"$STATE_DIR/disk_alerted"
+			previous_alert="$ALERT_RESULT"
+			send_alert "Low disk space on ${HOSTNAME:-$(uname -n)}" \
+				"The health check found little free disk: $(last_line "$disk_output").
+
+Below housekeeping.min_free_disk_mb a trading cycle refuses to start (no orders); a full disk stops the
+journal. What to do: df -h; delete or move old backups (var/backups) and logs; python -m data.housekeeping
+compresses and deletes old agent logs. This alert repeats at most every ${DISK_ALERT_EVERY_S} s." \
+				"disk_space"
+			[[ "$previous_alert" != "failed" ]] || ALERT_RESULT="failed"
+		fi
+	else
+		DISK="error"
+		HEALTHY=0
+	fi
+fi
+
 if ((HEALTHY)); then
 	status="healthy"
 else
 	status="unhealthy"
 fi
 write_log "status=$status opend=$OPEND_STATE endpoint=${OPEND_HOST}:${OPEND_PORT} restart=$RESTART" \
-	"missed_run=$MISSED alert=$ALERT_RESULT"
+	"missed_run=$MISSED alert=$ALERT_RESULT disk=$DISK"
 ((HEALTHY)) && exit 0
 exit 1

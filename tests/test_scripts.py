@@ -226,6 +226,7 @@ class Health:
             "CATALYST_OPEND_RESTART_CMD": f"echo restart >> {shlex.quote(str(self.restarts))}",
             "CATALYST_HEALTH_API_CMD": "true",
             "CATALYST_MISSED_RUN_CMD": "true",
+            "CATALYST_DISK_CHECK_CMD": "echo 'enough free disk'",  # the real check: tests/test_housekeeping.py
         }
 
     def __call__(self, **env: str) -> subprocess.CompletedProcess[str]:
@@ -507,6 +508,8 @@ def expected_schedule(repo: Path) -> list[str]:
         job("0 5 * * 1-5", f"{py} {repo}/agent.py"),  # 13:00 HKT cycle
         job("32-57/5 1 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 09:32-09:57 HKT
         job("2-57/5 2-7 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 10:02-15:57 HKT
+        job("30 8 * * 1-5", f"{repo}/scripts/backup.sh"),  # journal backup 16:30 HKT, after the close
+        job("45 8 * * *", f"{py} -m data.housekeeping"),  # log retention and rotation, every day
         job("*/5 * * * *", f"{repo}/scripts/health_check.sh"),  # health check, every day
     ]
 
