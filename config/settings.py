@@ -153,6 +153,14 @@ class AgentSettings(_Section):
     market_batching: bool = True  # false = one gateway request per symbol: the benchmark's naive mode only
 
 
+class ReflectionSettings(_Section):
+    """Lessons from closed trades (Claude brain only; advisory text, never read by safety.py)."""
+
+    enabled: bool = True
+    every_trades: Annotated[int, Field(ge=1, le=100)] = 5  # closed round trips between two reviews
+    max_lessons: Annotated[int, Field(ge=0, le=10)] = 5  # newest active lessons in a cycle's first message
+
+
 class Settings(_Section):
     exchange: ExchangeSettings = ExchangeSettings()
     broker: BrokerSettings = BrokerSettings()
@@ -161,6 +169,7 @@ class Settings(_Section):
     alerts: AlertSettings = AlertSettings()
     database: DatabaseSettings = DatabaseSettings()
     agent: AgentSettings = AgentSettings()
+    reflection: ReflectionSettings = ReflectionSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     def resolve(self, path: Path) -> Path:
