@@ -36,7 +36,8 @@ def round_trip_turns(now: str, usage: list[dict[str, int]] | None = None) -> lis
     """Two scripted turns that buy 100 HK.00700 (log_decision, check_risk, execute_trade) and close it."""
     q = sim_at(now).quote("HK.00700")
     entry = q.ask_price or q.last_price
-    stop, target = (entry * Decimal("0.97")).quantize(Decimal("0.1")), (entry * Decimal("1.08")).quantize(Decimal("0.1"))
+    stop = (entry * Decimal("0.97")).quantize(Decimal("0.1"))
+    target = (entry * Decimal("1.08")).quantize(Decimal("0.1"))
     trade = {"symbol": "700", "side": "buy", "quantity": 100}
     prices = {"stop_loss": float(stop), "take_profit": float(target)}
     blocks = [
