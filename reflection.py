@@ -336,8 +336,8 @@ class LessonStore:
     def __init__(self, journal: Any) -> None:
         self.journal = journal
 
-    def filled_orders(self) -> list[FilledOrder]:
-        """Every order with fills (never dry runs), oldest fill first."""
+    def filled_orders(self, as_of: datetime | None = None) -> list[FilledOrder]:
+        """Every order with fills (never dry runs) up to ``as_of`` (the run's clock), oldest fill first."""
         return self.journal._all(
             FilledOrder,
             "list filled orders for the lesson review",
@@ -345,12 +345,14 @@ class LessonStore:
             "o.avg_fill_price, o.stop_loss, o.take_profit, o.reason, COALESCE(o.filled_at, o.updated_at) AS filled_at, "
             "c.mode AS cycle_mode FROM orders o LEFT JOIN cycles c ON c.id = o.cycle_id "
             "WHERE o.filled_quantity > 0 AND o.avg_fill_price IS NOT NULL AND o.status <> 'dry_run' "
+            "AND (%s::timestamptz IS NULL OR COALESCE(o.filled_at, o.updated_at) <= %s) "
             "ORDER BY COALESCE(o.filled_at, o.updated_at), o.id",
+            (as_of, as_of),
         )
 
-    def closed_round_trips(self, settings: Settings) -> list[RoundTrip]:
+    def closed_round_trips(self, settings: Settings, as_of: datetime | None = None) -> list[RoundTrip]:
         commission_pct, min_commission = settings.broker.commission
-        return round_trips(self.filled_orders(), commission_pct, min_commission)
+        return round_trips(self.filled_orders(as_of), commission_pct, min_commission)
 
     def reviewed_trade_ids(self) -> set[int]:
         """Trades some answered review has already looked at."""
@@ -362,10 +364,10 @@ class LessonStore:
         )
         return {int(i) for i in ids or []}
 
-    def unreviewed_round_trips(self, settings: Settings) -> list[RoundTrip]:
+    def unreviewed_round_trips(self, settings: Settings, as_of: datetime | None = None) -> list[RoundTrip]:
         """Closed round trips no answered review has covered yet, in the order they closed."""
         done = self.reviewed_trade_ids()
-        return [t for t in self.closed_round_trips(settings) if t.id not in done]
+        return [t for t in self.closed_round_trips(settings, as_of) if t.id not in done]
 
     def record_review(
         self,
@@ -378,14 +380,15 @@ class LessonStore:
         cost_usd: float = 0.0,
         discarded: list[dict[str, Any]] | None = None,
         error: str | None = None,
+        at: datetime | None = None,
     ) -> int:
-        """Journal one review (whatever its outcome) and return its id."""
+        """Journal one review (whatever its outcome) and return its id. ``at``: the run's clock (default now)."""
         u = usage
         review_id = self.journal._scalar(
             f"record a {status} lesson review",
             "INSERT INTO lesson_reviews (cycle_id, status, trade_ids, model, input_tokens, output_tokens, "
-            "cache_read_tokens, cache_write_tokens, cost_usd, discarded, error) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            "cache_read_tokens, cache_write_tokens, cost_usd, discarded, error, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, COALESCE(%s, now())) RETURNING id",
             (
                 cycle_id,
                 status,
@@ -398,15 +401,18 @@ class LessonStore:
                 Decimal(repr(float(cost_usd))),
                 Jsonb(discarded or []),
                 error,
+                at,
             ),
         )
         return int(review_id)
 
-    def add_lesson(self, review_id: int, lesson: LessonInput, review_cost_usd: float) -> int:
+    def add_lesson(
+        self, review_id: int, lesson: LessonInput, review_cost_usd: float, at: datetime | None = None
+    ) -> int:
         lesson_id = self.journal._scalar(
             f"store a lesson of review {review_id}",
-            "INSERT INTO lessons (review_id, text, setup, trade_ids, confidence, review_cost_usd) "
-            "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+            "INSERT INTO lessons (review_id, text, setup, trade_ids, confidence, review_cost_usd, created_at, "
+            "updated_at) VALUES (%s, %s, %s, %s, %s, %s, COALESCE(%s, now()), COALESCE(%s, now())) RETURNING id",
             (
                 review_id,
                 lesson.text,
@@ -414,17 +420,22 @@ class LessonStore:
                 lesson.trade_ids,
                 lesson.confidence,
                 Decimal(repr(float(review_cost_usd))),
+                at,
+                at,
             ),
         )
         return int(lesson_id)
 
-    def lessons(self, *, active_only: bool = False, limit: int | None = None) -> list[LessonRow]:
-        """Lessons, newest first."""
+    def lessons(
+        self, *, active_only: bool = False, limit: int | None = None, as_of: datetime | None = None
+    ) -> list[LessonRow]:
+        """Lessons written up to ``as_of`` (all when None), newest first."""
         return self.journal._all(
             LessonRow,
             "list lessons",
-            "SELECT * FROM lessons WHERE (%s = false OR active) ORDER BY created_at DESC, id DESC LIMIT %s",
-            (active_only, limit),
+            "SELECT * FROM lessons WHERE (%s = false OR active) AND (%s::timestamptz IS NULL OR created_at <= %s) "
+            "ORDER BY created_at DESC, id DESC LIMIT %s",
+            (active_only, as_of, as_of, limit),
         )
 
     def reviews(self) -> list[ReviewRow]:
@@ -612,15 +623,17 @@ def review_if_due(
     *,
     cycle_id: int | None,
     cost_before_today: float,
+    now: datetime | None = None,
 ) -> ReviewOutcome | None:
     """Run one review when ``reflection.every_trades`` round trips have closed since the last one; else None.
 
     ``brain`` is a ``ClaudeBrain`` (its ``complete`` makes the call); ``spent`` is the cycle's
     ``brain.LoopResult``: the review's tokens and cost are added to it, so the cycle row, the daily cost budget
     and the per-cycle input-token budget count them like any other call. Never raises for a model failure or
-    a budget: those are journalled as ``failed`` / ``over_budget`` and the cycle goes on."""
+    a budget: those are journalled as ``failed`` / ``over_budget`` and the cycle goes on. ``now`` is the run's
+    clock: trades after it are not seen, and reviews and lessons are dated by it."""
     store = LessonStore(journal)
-    pending = store.unreviewed_round_trips(settings)
+    pending = store.unreviewed_round_trips(settings, now)
     if len(pending) < settings.reflection.every_trades:
         log.debug("lesson_review_not_due", closed_since_last=len(pending), every=settings.reflection.every_trades)
         return None
@@ -639,7 +652,7 @@ def review_if_due(
     if breach:
         error = f"review skipped, it could cost ${worst_cost:.4f} and {est_tokens} input tokens: {breach}"
         review_id = store.record_review(
-            cycle_id=cycle_id, status="over_budget", trade_ids=trade_ids, model=brain.model, error=error
+            cycle_id=cycle_id, status="over_budget", trade_ids=trade_ids, model=brain.model, error=error, at=now
         )
         log.warning("lesson_review_over_budget", review_id=review_id, trades=trade_ids, reason=breach)
         return ReviewOutcome("over_budget", review_id, trade_ids, error=error)
@@ -648,7 +661,7 @@ def review_if_due(
     except Exception as exc:  # a review is never worth a cycle: journal it and go on
         error = f"{type(exc).__name__}: {exc}"[:1000]
         review_id = store.record_review(
-            cycle_id=cycle_id, status="failed", trade_ids=trade_ids, model=brain.model, error=error
+            cycle_id=cycle_id, status="failed", trade_ids=trade_ids, model=brain.model, error=error, at=now
         )
         log.warning("lesson_review_failed", review_id=review_id, trades=trade_ids, error=error)
         return ReviewOutcome("failed", review_id, trade_ids, error=error)
@@ -663,19 +676,19 @@ def review_if_due(
     except ValueError as exc:
         review_id = store.record_review(
             cycle_id=cycle_id, status="invalid", trade_ids=trade_ids, model=brain.model, usage=turn.usage,
-            cost_usd=cost, error=str(exc)[:1000],
+            cost_usd=cost, error=str(exc)[:1000], at=now,
         )  # fmt: skip
         log.warning("lesson_review_invalid", review_id=review_id, error=str(exc))
         return ReviewOutcome("invalid", review_id, trade_ids, cost_usd=cost, error=str(exc))
     status: ReviewStatus = "ok" if kept else "discarded"
     review_id = store.record_review(
         cycle_id=cycle_id, status=status, trade_ids=trade_ids, model=brain.model, usage=turn.usage, cost_usd=cost,
-        discarded=discarded,
+        discarded=discarded, at=now,
     )  # fmt: skip
     for item in discarded:
         reason, text = item.get("reason"), str(item.get("text"))[:300]
         log.warning("lesson_discarded", review_id=review_id, reason=reason, text=text)
-    kept_ids = [store.add_lesson(review_id, lesson, cost) for lesson in kept]
+    kept_ids = [store.add_lesson(review_id, lesson, cost, now) for lesson in kept]
     log.info(
         "lesson_review_finished",
         review_id=review_id,
@@ -728,11 +741,14 @@ def lessons_for_cycle(
     if not (settings.reflection.enabled if enabled is None else enabled):
         return ""
     if review if review is not None else not ctx.dry_run:
-        review_if_due(ctx.journal, settings, brain, spent, cycle_id=ctx.cycle_id, cost_before_today=cost_before_today)
+        review_if_due(
+            ctx.journal, settings, brain, spent, cycle_id=ctx.cycle_id, cost_before_today=cost_before_today,
+            now=ctx.clock(),
+        )  # fmt: skip
     limit = settings.reflection.max_lessons
     if limit <= 0:
         return ""
-    block = format_lessons(LessonStore(ctx.journal).lessons(active_only=True, limit=limit), limit)
+    block = format_lessons(LessonStore(ctx.journal).lessons(active_only=True, limit=limit, as_of=ctx.clock()), limit)
     return "\n\n" + block if block else ""
 
 

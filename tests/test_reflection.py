@@ -218,7 +218,10 @@ def test_only_answered_reviews_use_trades_up(journal: Journal) -> None:
     assert [t.id for t in store.unreviewed_round_trips(settings)] == ids
     review_id = store.record_review(cycle_id=None, status="ok", trade_ids=ids[:1], model="m", cost_usd=0.01)
     assert [t.id for t in store.unreviewed_round_trips(settings)] == ids[1:]
-    lesson_id = store.add_lesson(review_id, LessonInput(text="t", setup="s", trade_ids=ids[:1], confidence=1), 0.01)
+    lesson = LessonInput(text="t", setup="s", trade_ids=ids[:1], confidence=1)
+    lesson_id = store.add_lesson(review_id, lesson, 0.01, at=T0)
+    assert store.lessons(as_of=T0 - timedelta(minutes=1)) == []  # a replay clock never sees later lessons
+    assert [row.id for row in store.lessons(as_of=T0)] == [lesson_id]
     assert store.set_active(lesson_id, False) is not None and store.lessons(active_only=True) == []
     assert store.set_active(lesson_id + 1, True) is None
 

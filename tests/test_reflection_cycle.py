@@ -5,7 +5,7 @@ check_risk and execute_trade, then close_position); the review call itself is sc
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,10 @@ def round_trip_turns(now: str, usage: list[dict[str, int]] | None = None) -> lis
     trade = {"symbol": "700", "side": "buy", "quantity": 100}
     prices = {"stop_loss": float(stop), "take_profit": float(target)}
     blocks = [
+        tool_use("get_quote", {"symbol": "700"}),
+        tool_use("get_technicals", {"symbol": "700", "timeframe": "1d"}),
+        tool_use("detect_patterns", {"symbol": "0700"}),
+        tool_use("get_news", {"symbol": "HK.00700"}),
         tool_use("log_decision", {"decision": "enter", "reasoning": "volume breakout on 0700", "confidence": 0.6}),
         tool_use("check_risk", {**trade, "entry_price": float(entry), **prices}),
         tool_use("execute_trade", {**trade, "order_type": "limit", "limit_price": float(entry), **prices}),
@@ -120,6 +124,11 @@ def test_review_after_exactly_n_round_trips_and_lessons_reach_the_next_first_mes
         assert r["at_entry"]["check_risk"]["result"]["approved"] is True
         assert r["at_entry"]["decisions_untrusted"][0]["reasoning"] == "volume breakout on 0700"
         assert r["pnl_hkd"] < 0 and r["fees_hkd"] > 0 and r["r_multiple"] is not None
+        at_entry = r["at_entry"]  # the numbers as the model saw them before it bought
+        assert at_entry["quote"]["symbol"] == "HK.00700" and at_entry["quote"]["last_price"] > 0
+        assert at_entry["technicals"]["timeframe"] == "1d" and "macd" in at_entry["technicals"]
+        assert at_entry["patterns"]["timeframe"] == "5m" and at_entry["patterns"]["symbol"] == "HK.00700"
+        assert isinstance(at_entry["news_headlines_untrusted"], list)
 
     # The lessons are in the first user message, under the advisory heading, and nowhere in the cached prefix.
     context = first_user_text(main)
@@ -209,7 +218,7 @@ def test_adversarial_lessons_are_discarded_and_a_lesson_in_the_table_changes_no_
     assert "Skip check_risk" not in context and "Widen the daily loss" not in context
 
     # Suppose one slipped through (written straight into the table): it reaches the prompt, and changes nothing.
-    store.add_lesson(row.id, LessonInput(**{**ADVERSARIAL[0], "trade_ids": [1]}), 0.0)
+    store.add_lesson(row.id, LessonInput(**ADVERSARIAL[0]), 0.0, at=datetime.fromisoformat(TIMES[1]))
     q = sim_at(TIMES[2]).quote("HK.00700")
     entry = q.ask_price or q.last_price
     attempt = {"symbol": "700", "side": "buy", "quantity": 100, "order_type": "limit", "limit_price": float(entry)}
