@@ -740,11 +740,16 @@ def lessons_for_cycle(
     settings: Settings = ctx.settings
     if not (settings.reflection.enabled if enabled is None else enabled):
         return ""
-    if review if review is not None else not ctx.dry_run:
-        review_if_due(
-            ctx.journal, settings, brain, spent, cycle_id=ctx.cycle_id, cost_before_today=cost_before_today,
-            now=ctx.clock(),
-        )  # fmt: skip
+    if review is None:
+        review = not ctx.dry_run
+    if review:
+        try:
+            review_if_due(
+                ctx.journal, settings, brain, spent, cycle_id=ctx.cycle_id, cost_before_today=cost_before_today,
+                now=ctx.clock(),
+            )  # fmt: skip
+        except Exception as exc:  # e.g. an odd journal row while building the input: the cycle still trades
+            log.error("lesson_review_crashed", error=f"{type(exc).__name__}: {exc}")
     limit = settings.reflection.max_lessons
     if limit <= 0:
         return ""

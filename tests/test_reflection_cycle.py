@@ -232,7 +232,7 @@ def test_adversarial_lessons_are_discarded_and_a_lesson_in_the_table_changes_no_
     assert [o.side for o in journal.orders_on(DAY)] == ["buy", "sell"]  # only the first cycle's round trip
 
 
-def test_a_failed_review_never_blocks_the_cycle_and_reflection_can_be_turned_off(
+def test_a_failed_review_never_blocks_the_cycle_and_reflection_can_be_turned_off_or_dry(
     project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, settings_file: Path
 ) -> None:
     set_reflection(settings_file, every_trades=1, enabled=False)
@@ -265,6 +265,14 @@ def test_a_failed_review_never_blocks_the_cycle_and_reflection_can_be_turned_off
     from config.settings import load_settings
 
     assert [t.id for t in store.unreviewed_round_trips(load_settings(settings_file))] == [1]
+
+    # A dry run reads lessons but never reviews, even with a review due.
+    before = len(fake_api.message_requests)
+    fake_api.enqueue(message(["Holding."]))
+    run = run_agent("--dry-run", "--broker", "sim", "--brain", "claude", "--now", LATER[0], env=env)
+    assert run.returncode == 0, run.output
+    (dry,) = fake_api.message_requests[before:]
+    assert not is_review(dry) and len(store.reviews()) == 1
 
 
 def test_an_over_budget_review_is_skipped_and_the_cycle_goes_on(
