@@ -45,6 +45,7 @@ examples:
   python agent.py                  # one cycle with the configured broker and Claude
   python agent.py --guard          # stops, take-profits, time stops, daily loss limit; no model
   python agent.py --check          # did today's scheduled cycles run? (alerts once per missed cycle)
+  python agent.py --lessons        # what the agent learned from its trades; --lessons disable ID
 """
 
 
@@ -74,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="no broker, no model: alert if a scheduled cycle (09:30, 13:00 HKT) did not run today; "
         "exit 0 if none was missed, 1 if one was",
+    )
+    mode.add_argument(
+        "--lessons",
+        nargs="*",
+        metavar="disable|enable ID",
+        help="list the lessons the agent wrote about its own trades; 'disable ID' / 'enable ID' toggles one",
     )
     parser.add_argument("--broker", choices=["futu", "sim"], help="override broker.name from the settings")
     parser.add_argument("--brain", choices=["claude", "rules"], help="override agent.brain from the settings")
@@ -167,6 +174,7 @@ def execute(args: argparse.Namespace, run: Run) -> int:
     import structlog
 
     mode = "guard" if args.guard else "dry_run" if args.dry_run else "check" if args.check else "trade"
+    mode = "lessons" if args.lessons is not None else mode
     real = settings.broker.name == "futu" and settings.broker.futu.trd_env == "REAL"
     structlog.contextvars.bind_contextvars(run_id=run.run_id[:12], mode="live" if real else "sim")
     log = structlog.get_logger("agent")
@@ -193,6 +201,13 @@ def execute(args: argparse.Namespace, run: Run) -> int:
 
     if mode == "check":
         return check_schedule(run, settings, secrets, clock, log)
+    if mode == "lessons":
+        from data.database import Journal
+        from reflection import lessons_command, parse_lessons_args
+
+        parse_lessons_args(args.lessons)  # a typo exits 2 before the journal is even opened
+        run.journal = Journal.open(settings, secrets)
+        return lessons_command(run.journal, args.lessons, sys.stdout)
     return open_and_run(args, run, settings, secrets, clock, mode, log)
 
 
@@ -644,12 +659,17 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
     first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason)
     start_of_day = datetime.combine(today, datetime.min.time(), tzinfo=HKT)
     run.loop = LoopResult()
+    cost_before_today = journal.cost_usd_since(start_of_day)
+    if brain.name == "claude":  # a lesson review if due (its cost lands in run.loop), then the lessons
+        from reflection import lessons_for_cycle
+
+        first_message += lessons_for_cycle(ctx, brain, run.loop, cost_before_today=cost_before_today)
     result = run_tool_loop(
         brain,
         gate,
         first_message,
         settings.claude,
-        cost_before_today=journal.cost_usd_since(start_of_day),
+        cost_before_today=cost_before_today,
         on_turn=lambda i, turn: (log.info if brain.name == "claude" else log.debug)(
             "model_turn",
             iteration=i,

@@ -188,6 +188,14 @@ class AgentSettings(_Section):
     lock_wait_s: Annotated[float, Field(ge=0, le=300)] = 60.0
 
 
+class ReflectionSettings(_Section):
+    """Lessons from closed trades (Claude brain only; advisory text, never read by safety.py)."""
+
+    enabled: bool = True
+    every_trades: Annotated[int, Field(ge=1, le=100)] = 5  # closed round trips between two reviews
+    max_lessons: Annotated[int, Field(ge=0, le=10)] = 5  # newest active lessons in a cycle's first message
+
+
 class Settings(_Section):
     exchange: ExchangeSettings = ExchangeSettings()
     broker: BrokerSettings = BrokerSettings()
@@ -198,6 +206,7 @@ class Settings(_Section):
     agent: AgentSettings = AgentSettings()
     backup: BackupSettings = BackupSettings()
     housekeeping: HousekeepingSettings = HousekeepingSettings()
+    reflection: ReflectionSettings = ReflectionSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     def resolve(self, path: Path) -> Path:

@@ -66,6 +66,14 @@ CONTRACT: dict[str, set[str]] = {
     "kline_cache": {"symbol", "timeframe", "bar_time", "open", "high", "low", "close", "volume"},
     "index_constituents": {"index_name", "trading_date", "symbols", "fetched_at"},
     "instance_locks": {"key", "holder", "started_at"},
+    "lesson_reviews": {
+        "id", "cycle_id", "created_at", "status", "trade_ids", "model", "input_tokens", "output_tokens",
+        "cache_read_tokens", "cache_write_tokens", "cost_usd", "discarded", "error",
+    },
+    "lessons": {
+        "id", "review_id", "created_at", "text", "setup", "trade_ids", "confidence", "active", "review_cost_usd",
+        "updated_at",
+    },
     "schema_migrations": {"name", "applied_at"},
 }  # fmt: skip
 
