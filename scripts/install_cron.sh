@@ -13,6 +13,7 @@ Usage: scripts/install_cron.sh [--install | --uninstall | --help]
 The schedule (times in UTC; Hong Kong is UTC+8 with no daylight saving), Monday to Friday:
   01:30, 05:00          trading cycles (09:30 and 13:00 HKT): agent.py
   01:35-08:00 every 5'  the guard (09:35-16:00 HKT; the 01:30 cycle holds the lock): agent.py --guard
+  08:20                 the daily digest e-mail (16:20 HKT): agent.py --digest
   every 5 minutes       scripts/health_check.sh (every day: OpenD must stay up)
 The agent itself skips holidays, half-day afternoons and the lunch break.
 
@@ -68,6 +69,8 @@ block() {
 	job "35-55/5 1 * * 1-5" "$PY $REPO/agent.py --guard"
 	job "*/5 2-7 * * 1-5" "$PY $REPO/agent.py --guard"
 	job "0 8 * * 1-5" "$PY $REPO/agent.py --guard"
+	printf '%s\n' "# Daily digest e-mail (the day's report) at 16:20 HKT, after the close"
+	job "20 8 * * 1-5" "$PY $REPO/agent.py --digest"
 	printf '%s\n' "# OpenD health check and missed-run alarm, every 5 minutes"
 	job "*/5 * * * *" "$REPO/scripts/health_check.sh"
 	printf '%s\n' "$MARK_END"

@@ -508,6 +508,7 @@ def expected_schedule(repo: Path) -> list[str]:
         job("35-55/5 1 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 09:35-09:55 HKT (09:30 is the cycle)
         job("*/5 2-7 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 10:00-15:55 HKT
         job("0 8 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 16:00 HKT
+        job("20 8 * * 1-5", f"{py} {repo}/agent.py --digest"),  # daily digest 16:20 HKT
         job("*/5 * * * *", f"{repo}/scripts/health_check.sh"),  # health check, every day
     ]
 
