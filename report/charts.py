@@ -7,6 +7,7 @@ symbols we validated reach a chart; untrusted text (names, model output) never d
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -47,8 +48,16 @@ _RC = {
 }
 
 
+_PATH_DATA = re.compile(r'\bd="([^"]*)"')
+_LONG_DECIMAL = re.compile(r"(\d+\.\d)\d+")
+
+
 def _svg(fig: Any) -> str:
-    """The figure as an ``<svg>`` element (no XML prolog, no doctype), then closed."""
+    """The figure as an ``<svg>`` element (no XML prolog, no doctype), then closed.
+
+    Path coordinates are cut to a tenth of a point (invisible at the zoom a report is read at), which keeps a
+    busy month's page to a few MB.
+    """
     buffer = io.StringIO()
     fig.savefig(
         buffer,
@@ -58,6 +67,7 @@ def _svg(fig: Any) -> str:
     )
     plt.close(fig)
     text = buffer.getvalue()
+    text = _PATH_DATA.sub(lambda m: 'd="' + " ".join(_LONG_DECIMAL.sub(r"\1", m.group(1)).split()) + '"', text)
     return text[text.index("<svg") :]
 
 
@@ -124,7 +134,7 @@ def trade_chart(trade: RoundTrip, bars: Sequence[Bar]) -> str:
     with plt.rc_context(_RC):
         fig, ax = plt.subplots(figsize=(5.2, 2.4))
         times = [b.time for b in bars]
-        ax.fill_between(times, [float(b.low) for b in bars], [float(b.high) for b in bars], step="mid",
+        ax.fill_between(times, [float(b.low) for b in bars], [float(b.high) for b in bars],
                         color=PRICE_COLOUR, alpha=0.15, lw=0)  # fmt: skip
         ax.plot(times, [float(b.close) for b in bars], color=PRICE_COLOUR, lw=1.0, label="close (1-minute bars)")
         if trade.stop_loss is not None:
