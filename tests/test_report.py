@@ -459,3 +459,24 @@ def test_no_digest_on_a_day_without_trading(project_env: dict[str, str], tmp_pat
     )
     assert run.returncode == 0, run.output
     assert "not an HKEX trading day" in run.stdout and not (tmp_path / "d.html").exists()
+
+
+def test_help_names_the_report_flags() -> None:
+    import subprocess
+    import sys
+
+    from tests.agent_runner import AGENT
+
+    out = subprocess.run([sys.executable, str(AGENT), "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--report [PERIOD]", "--digest", "--out PATH", "replay:RUN_ID"):
+        assert flag in out
+
+
+def test_out_goes_only_with_report_or_digest(project_env: dict[str, str], tmp_path: Path) -> None:
+    run = run_agent(
+        "--guard", "--broker", "sim", "--out", str(tmp_path / "x.html"), "--now", at("10:15"), env=project_env
+    )
+    assert run.returncode == 2, run.output
+    assert "--out only goes with --report or --digest" in run.stderr
+    run = run_agent("--report", "--guard", env=project_env)
+    assert run.returncode == 2 and "not allowed with argument" in run.stderr
