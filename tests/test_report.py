@@ -480,3 +480,24 @@ def test_out_goes_only_with_report_or_digest(project_env: dict[str, str], tmp_pa
     assert "--out only goes with --report or --digest" in run.stderr
     run = run_agent("--report", "--guard", env=project_env)
     assert run.returncode == 2 and "not allowed with argument" in run.stderr
+
+
+def test_a_replay_whose_cycles_are_not_tagged_shows_the_runs_dates_and_says_so(
+    project_env: dict[str, str], postgres_admin_dsn: str, tmp_path: Path
+) -> None:
+    with replay_database(postgres_admin_dsn) as dsn:
+        with Journal.connect(dsn) as replay:
+            replay.start_cycle(
+                run_id="a-cycle-id", mode="guard", broker="replay", brain="none", model=None,
+                started_at=datetime.fromisoformat(at("10:20")), trading_date=date(2026, 11, 20),
+            )  # fmt: skip
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(
+                'INSERT INTO replay_runs (id, started_at, "from", "to", brain, feed, settings, metrics) '
+                "VALUES ('run-8', now(), '2026-11-19', '2026-11-20', 'rules', 'synthetic', '{}', '{}')"
+            )
+        html = report(project_env, tmp_path / "replay.html", "replay:run-8")
+    page = parse_page(html)
+    assert "not tagged with run run-8" in html and "2026-11-19..2026-11-20" in html
+    assert len(page.tables["cycles-table"]) == 2  # the header and the one cycle of those dates
+    assert page.figures["in_sample"] == "unknown (the run did not record it)"
