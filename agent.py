@@ -46,6 +46,7 @@ examples:
   python agent.py --guard          # stops, take-profits, time stops, daily loss limit; no model
   python agent.py --check          # did today's scheduled cycles run? (alerts once per missed cycle)
   python agent.py --lessons        # what the agent learned from its trades; --lessons disable ID
+  python agent.py --report 2026-11-02..2026-11-27 --out month.html   # an HTML report of a period
 """
 
 
@@ -82,6 +83,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="disable|enable ID",
         help="list the lessons the agent wrote about its own trades; 'disable ID' / 'enable ID' toggles one",
     )
+    mode.add_argument(
+        "--report",
+        nargs="?",
+        const="today",
+        metavar="PERIOD",
+        help="no broker, no model: write one self-contained HTML report of what the agent did and print its path; "
+        "PERIOD is today (default), YYYY-MM-DD, FROM..TO or replay:RUN_ID",
+    )
+    mode.add_argument(
+        "--digest",
+        action="store_true",
+        help="today's report by e-mail (headline numbers, trades, refusals; the page attached), for cron after "
+        "the close",
+    )
+    parser.add_argument("--out", metavar="PATH", help="where --report/--digest writes the page (default reports/)")
     parser.add_argument("--broker", choices=["futu", "sim"], help="override broker.name from the settings")
     parser.add_argument("--brain", choices=["claude", "rules"], help="override agent.brain from the settings")
     parser.add_argument(
@@ -178,6 +194,12 @@ def execute(args: argparse.Namespace, run: Run) -> int:
     real = settings.broker.name == "futu" and settings.broker.futu.trd_env == "REAL"
     structlog.contextvars.bind_contextvars(run_id=run.run_id[:12], mode="live" if real else "sim")
     log = structlog.get_logger("agent")
+    if args.report is not None or args.digest:  # reads the journal only: no broker, no account, no model
+        from report.cli import run_digest, run_report
+
+        return (run_report if args.report is not None else run_digest)(args, settings, Secrets.from_env(), clock)
+    if args.out is not None:
+        raise ConfigError("--out only goes with --report or --digest.")
     if now_override is not None and real:
         raise ConfigError(
             "--now is refused because this run could reach a REAL account (broker.futu.trd_env: REAL). "

@@ -16,6 +16,7 @@ import base64
 import smtplib
 import ssl
 import sys
+from collections.abc import Sequence
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -54,6 +55,17 @@ class AlertJournal(Protocol):
     ) -> object: ...
 
 
+class Attachment(BaseModel):
+    """A file sent with an alert (the daily digest attaches its report)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    filename: str
+    content: bytes
+    mime_type: str = "application/octet-stream"
+    charset: str | None = None  # for text/* content, e.g. "utf-8"
+
+
 class AlertOutcome(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -88,12 +100,24 @@ class Alerter:
     def is_configured(self) -> bool:
         return bool(self._settings.smtp_host and self._settings.email)
 
-    def send(self, subject: str, message: str, *, priority: Priority = "normal", event: str = "agent") -> AlertOutcome:
-        """Send and journal. Returns whether it went out; never raises for SMTP or journal trouble."""
+    def send(
+        self,
+        subject: str,
+        message: str,
+        *,
+        priority: Priority = "normal",
+        event: str = "agent",
+        html: str | None = None,
+        attachments: Sequence[Attachment] = (),
+    ) -> AlertOutcome:
+        """Send and journal. Returns whether it went out; never raises for SMTP or journal trouble.
+
+        ``message`` is the plain-text body (and what the journal keeps); ``html`` an optional HTML alternative.
+        """
         if priority not in PRIORITIES:
             priority = "normal"
         try:
-            outcome = self._deliver(subject, message, priority)
+            outcome = self._deliver(subject, message, priority, html, attachments)
         except Exception as exc:  # an alert must never break the caller, whatever went wrong
             outcome = AlertOutcome(sent=False, error=self._clean(f"unexpected {type(exc).__name__}: {exc}"))
         log.info(
@@ -113,7 +137,9 @@ class Alerter:
                 log.error("alert_journal_failed", subject=subject, error=self._clean(str(exc)))
         return outcome
 
-    def _deliver(self, subject: str, message: str, priority: str) -> AlertOutcome:
+    def _deliver(
+        self, subject: str, message: str, priority: str, html: str | None = None, attachments: Sequence[Attachment] = ()
+    ) -> AlertOutcome:
         s = self._settings
         if not self.is_configured:
             return AlertOutcome(
@@ -134,6 +160,17 @@ class Alerter:
                 "(alerts.starttls is false); set alerts.starttls: true",
             )
         mail = self._compose(subject, message, priority)
+        if html is not None:
+            mail.add_alternative(html, subtype="html")
+        for item in attachments:
+            maintype, _, subtype = item.mime_type.partition("/")
+            mail.add_attachment(
+                item.content,
+                maintype=maintype,
+                subtype=subtype or "octet-stream",
+                filename=item.filename,
+                params={"charset": item.charset} if item.charset else {},
+            )
         try:
             with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.timeout_s) as smtp:
                 if s.starttls:

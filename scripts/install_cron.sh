@@ -15,6 +15,7 @@ The schedule (times in UTC; Hong Kong is UTC+8 with no daylight saving), Monday 
   01:32-07:57 every 5'  the guard (09:32-15:57 HKT): agent.py --guard. Its minutes end in 2 and 7, so a guard
                         never starts in the same minute as a cycle; a cycle that still finds one running waits
                         for it (agent.lock_wait_s), while a guard yields to a running cycle at once.
+  08:20                 the daily digest e-mail (16:20 HKT): agent.py --digest
   08:30                 journal backup (16:30 HKT, after the close): scripts/backup.sh
   08:45 (every day)     log retention and rotation: python -m data.housekeeping
   every 5 minutes       scripts/health_check.sh (every day: OpenD must stay up)
@@ -71,6 +72,8 @@ block() {
 	printf '%s\n' "# Guard every 5 minutes, 09:32-15:57 HKT (never in a cycle's minute)"
 	job "32-57/5 1 * * 1-5" "$PY $REPO/agent.py --guard"
 	job "2-57/5 2-7 * * 1-5" "$PY $REPO/agent.py --guard"
+	printf '%s\n' "# Daily digest e-mail (the day's report) at 16:20 HKT, after the close"
+	job "20 8 * * 1-5" "$PY $REPO/agent.py --digest"
 	printf '%s\n' "# Journal backup after the close (16:30 HKT); log retention and rotation every day"
 	job "30 8 * * 1-5" "$REPO/scripts/backup.sh"
 	job "45 8 * * *" "$PY -m data.housekeeping"

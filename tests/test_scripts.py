@@ -508,6 +508,7 @@ def expected_schedule(repo: Path) -> list[str]:
         job("0 5 * * 1-5", f"{py} {repo}/agent.py"),  # 13:00 HKT cycle
         job("32-57/5 1 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 09:32-09:57 HKT
         job("2-57/5 2-7 * * 1-5", f"{py} {repo}/agent.py --guard"),  # guard 10:02-15:57 HKT
+        job("20 8 * * 1-5", f"{py} {repo}/agent.py --digest"),  # daily digest 16:20 HKT
         job("30 8 * * 1-5", f"{repo}/scripts/backup.sh"),  # journal backup 16:30 HKT, after the close
         job("45 8 * * *", f"{py} -m data.housekeeping"),  # log retention and rotation, every day
         job("*/5 * * * *", f"{repo}/scripts/health_check.sh"),  # health check, every day
