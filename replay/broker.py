@@ -273,13 +273,15 @@ class ReplayBroker:
             for i in range(len(bars)):
                 price = self._fill_price(order, working.marketable and not working.bars_seen, bars, i, day)
                 working.bars_seen = True
+                # The next look starts after this bar (a bar boundary, never the clock: a bar in progress now
+                # must still be seen once it has ended).
+                working.seen_through = datetime.fromtimestamp(int(bars.starts[i]) + 60, HKT)
                 if price is None:
                     continue
                 at = datetime.fromtimestamp(int(bars.starts[i]), HKT)
                 if self._book(order, price, at):
                     del self.state.working[order.broker_order_id]
                     return
-        working.seen_through = end
 
     def _fill_price(self, order: Order, takes_open: bool, bars: SessionBars, i: int, day: date) -> Decimal | None:
         """The price ``order`` fills at on bar ``i``, or None when that bar does not fill it."""
