@@ -213,12 +213,11 @@ def build_store(settings: Settings, secrets: Secrets, options: ReplayOptions) ->
 
 def options_from_args(args: argparse.Namespace, settings: Settings) -> ReplayOptions:
     first, last = parse_range(args.replay)
-    days = sessions_between(first, last)
-    if not days:
-        raise ConfigError(f"--replay {args.replay}: there is no XHKG trading day in that range.")
     today = datetime.now(HKT).date()
     if last >= today:
         raise ConfigError(f"--replay {args.replay}: a replay runs past days only; end it before {today}.")
+    if not sessions_between(first, last):
+        raise ConfigError(f"--replay {args.replay}: there is no XHKG trading day in that range.")
     brain = args.brain or settings.agent.brain
     return ReplayOptions(
         first=first,
