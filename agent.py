@@ -140,6 +140,7 @@ class Run:
     broker: Any = None
     alerter: Any = None
     loop: Any = None  # brain.LoopResult of the running cycle: tokens and cost spent so far
+    brain: Any = None  # a brain to use instead of the configured one (the replay's cached Claude)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -585,7 +586,9 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
             priority="high",
             event="daily_loss_warning",
         )
-    if settings.agent.brain == "claude":
+    if run.brain is not None:
+        brain = run.brain
+    elif settings.agent.brain == "claude":
         brain = ClaudeBrain(settings, secrets.anthropic_api_key, tools.TOOLS)
     else:
         brain = RulesBrain(settings.risk, scan_limit=settings.agent.scan_limit)

@@ -156,8 +156,12 @@ class ClaudeBrain:
         )
 
     def next_turn(self, messages: list[dict[str, Any]]) -> Turn:
+        return self.send(self.request(messages))
+
+    def send(self, body: dict[str, Any]) -> Turn:
+        """Send one request body (as ``request`` builds it) and return the assistant's turn."""
         try:
-            response = self._client.messages.create(**self.request(messages))
+            response = self._client.messages.create(**body)
         except self._anthropic.APIConnectionError as exc:  # includes timeouts, after the SDK's own retries
             raise ModelUnavailable(f"Claude API unreachable after the SDK's retries: {exc}. No tool was run.") from exc
         except self._anthropic.APIStatusError as exc:

@@ -112,6 +112,7 @@ class ReplayRun:
     cycles: list[int] = field(default_factory=list)  # trading-cycle ids (guard passes have no tool calls)
     errors: list[str] = field(default_factory=list)
     stopped: str | None = None
+    claude: Any = None  # the ReplayBrain (cache hits and misses) of a Claude run
     wall_s: float = 0.0
 
 
@@ -150,20 +151,32 @@ def run_days(
     model = settings.claude.model if brain == "claude" else "rules-v1"
     result = ReplayRun(rj.run_id, brain, model, rj.schema, sim.starting_cash_hkd, broker=broker, journal=rj)
     alerter = Alerter(rsettings.alerts, None, rj.journal)
+    claude = make_claude(rsettings, secrets, rj, store, options) if brain == "claude" else None
+    result.claude = claude
     status = "ok"
     n = 0
     try:
         for day in days:
+            if claude is not None and budget_spent(rj, options):
+                result.stopped = (
+                    f"--max-cost-usd {options.max_cost_usd:g} reached (${_spent_usd(rj):.4f} "
+                    f"spent) before {day}; the days before it are scored"
+                )
+                break
             for when, mode in schedule(day):
                 clock.advance_to(when)
                 n += 1
+                pass_settings = rsettings
+                if claude is not None and mode == "trade":
+                    pass_settings = with_cost_cap(rsettings, rj, options, day)
                 run = agent.Run(run_id=f"p{n:06d}-replay{rj.run_id}", journal=rj.journal, alerter=alerter)
-                run.cycle_id = agent.begin_cycle(run, rsettings, mode, when, broker_name="replay")
+                run.brain = claude if mode == "trade" else None
+                run.cycle_id = agent.begin_cycle(run, pass_settings, mode, when, broker_name="replay")
                 alerter.cycle_id = run.cycle_id
                 if mode == "trade":
                     result.cycles.append(run.cycle_id)
                 try:
-                    agent.dispatch(rsettings, secrets, run, broker, feed, clock, mode, log)
+                    agent.dispatch(pass_settings, secrets, run, broker, feed, clock, mode, log)
                 except LookaheadError:
                     raise  # a bug in the code that asked, never a market event: stop the replay
                 except Exception as exc:
@@ -180,9 +193,12 @@ def run_days(
             result.equity.append((session_close, account.equity, account.market_value))
             result.closes.append((day, account.equity))
             if progress is not None:
+                from replay.score import usage
+
+                tokens_in, tokens_out, dollars = usage(result)
                 progress(
-                    f"{day}  {brain:<6} trades {len(broker.state.fills):>3}  equity HK${account.equity:>14,.2f}  "
-                    f"errors {len(result.errors)}"
+                    f"{day}  {brain:<6} fills {len(broker.state.fills):>3}  equity HK${account.equity:>14,.2f}  "
+                    f"tokens {tokens_in + tokens_out:>9,}  ${dollars:.4f}  errors {len(result.errors)}"
                 )
     except BaseException:
         status = "error"
@@ -192,6 +208,55 @@ def run_days(
         if status == "error":
             rj.finish("error", {}, datetime.now(HKT))
     return result
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=HKT)
+
+
+def _spent_usd(rj: Any) -> float:
+    """Model dollars of the run so far, from its journal."""
+    return rj.journal.cost_usd_since(_EPOCH)
+
+
+def budget_spent(rj: Any, options: ReplayOptions) -> bool:
+    return options.max_cost_usd is not None and _spent_usd(rj) >= options.max_cost_usd
+
+
+def with_cost_cap(settings: Settings, rj: Any, options: ReplayOptions, day: date) -> Settings:
+    """The settings for one Claude cycle: the loop's daily budget shrunk so the whole replay stays within
+    ``--max-cost-usd`` (the loop checks it before every request, so one request can overshoot)."""
+    if options.max_cost_usd is None:
+        return settings
+    before_today = _spent_usd(rj) - rj.journal.cost_usd_since(datetime.combine(day, datetime.min.time(), HKT))
+    cap = max(1e-9, min(settings.claude.max_cost_usd_per_day, options.max_cost_usd - before_today))
+    return settings.model_copy(update={"claude": settings.claude.model_copy(update={"max_cost_usd_per_day": cap})})
+
+
+def make_claude(settings: Settings, secrets: Secrets, rj: Any, store: BarStore, options: ReplayOptions) -> Any:
+    """The real ClaudeBrain behind the replay's response cache (and aliases with ``--anonymize``)."""
+    import tools
+    from brain import ClaudeBrain
+    from replay.claude import Aliases, ReplayBrain
+
+    inner = ClaudeBrain(settings, secrets.anthropic_api_key, tools.TOOLS)
+    aliases = None
+    if options.anonymize:
+        aliases = Aliases({s: info.name for s, info in store.instruments().items()})
+    return ReplayBrain(inner, rj.register, aliases)
+
+
+def cost_estimate(settings: Settings, days: list[date]) -> str:
+    """What a Claude replay may cost before it starts: cycles x the per-cycle caps, at the model's price."""
+    cycles = sum(1 for day in days for _when, mode in schedule(day) if mode == "trade")
+    price = settings.claude.prices.get(settings.claude.model)
+    if price is None:
+        return f"{cycles} Claude cycles; no price configured for {settings.claude.model}: cost unknown"
+    c = settings.claude
+    per_cycle = (c.max_input_tokens_per_cycle * price.input + c.max_iterations * c.max_tokens * price.output) / 1e6
+    return (
+        f"{cycles} Claude cycles; at most ${cycles * per_cycle:,.2f} if every cycle used its whole budget "
+        f"(claude.max_input_tokens_per_cycle, max_iterations x max_tokens), usually far less; cached requests are free"
+    )
 
 
 def _close_of(day: date) -> datetime:
@@ -237,11 +302,16 @@ def replay_main(args: argparse.Namespace, run: Any, settings: Settings, secrets:
     from replay import score
 
     options = options_from_args(args, settings)
-    if options.brain == "claude" or options.anonymize or options.max_cost_usd is not None:
-        raise ConfigError(
-            "Claude replays (--brain claude, --anonymize, --max-cost-usd) are not available yet: the response cache "
-            "and the cost stop they need are not built. Run the replay with --brain rules."
-        )
+    if options.brain != "claude" and (options.anonymize or options.max_cost_usd is not None):
+        raise ConfigError("--anonymize and --max-cost-usd apply to Claude replays: add --brain claude.")
+    if options.brain == "claude":
+        print(cost_estimate(settings, sessions_between(options.first, options.last)), file=sys.stderr)
+        if score.in_sample(settings, "claude", options.first):
+            print(
+                f"NOTE: {options.first}..{options.last} is IN-SAMPLE FOR THE MODEL {settings.claude.model} (on or "
+                "before its claude.knowledge_cutoff, or none is configured): it may remember how these days ended.",
+                file=sys.stderr,
+            )
     if not args.verbose:  # one progress line per day on the console; the passes' lines go to the log file
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
@@ -261,9 +331,11 @@ def replay_main(args: argparse.Namespace, run: Any, settings: Settings, secrets:
         compare_report = score.score_run(other, store, options, settings)
         other.journal.finish("ok", compare_report.metrics, datetime.now(HKT))
         other.journal.close()
-    main_run.journal.finish("ok", report.metrics, datetime.now(HKT))
+    main_run.journal.finish("stopped" if main_run.stopped else "ok", report.metrics, datetime.now(HKT))
     main_run.journal.close()
     print(score.render_table(report, compare_report))
+    if main_run.stopped:
+        print(f"STOPPED: {main_run.stopped}")
     if options.json_path is not None:
         score.write_json(options.json_path, report, compare_report)
         print(f"score written to {options.json_path}")

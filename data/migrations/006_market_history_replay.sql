@@ -50,3 +50,11 @@ CREATE TABLE replay_runs (
     settings    jsonb       NOT NULL DEFAULT '{}'::jsonb,
     metrics     jsonb
 );
+
+-- Claude replies of replays, by the SHA-256 of the exact request body: re-running a replay is free and repeats.
+CREATE TABLE model_response_cache (
+    request_sha256 text        PRIMARY KEY,
+    model          text        NOT NULL,
+    response       jsonb       NOT NULL,             -- content, stop_reason, usage of the original reply
+    created_at     timestamptz NOT NULL DEFAULT now()
+);
