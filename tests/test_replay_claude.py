@@ -8,10 +8,12 @@ import json
 import uuid
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from psycopg import sql
 from pydantic import SecretStr
 
@@ -20,6 +22,7 @@ from config.settings import Secrets, Settings, load_settings
 from replay import score
 from replay.feed import SyntheticStore
 from replay.runner import ReplayOptions, run_days
+from tests.agent_runner import run_agent
 from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
 
 DAY = date(2026, 9, 8)
@@ -139,3 +142,26 @@ def test_a_replay_before_the_models_knowledge_cutoff_is_labelled_in_sample() -> 
     report = score.Report(1, DAY, DAY, "claude", "synthetic", True, {}, [], [], [])
     assert "IN-SAMPLE FOR THE MODEL" in score.render_table(report)
     assert score.report_json(report)["in_sample_for_model"] is True
+
+
+def test_compare_rules_runs_both_brains_on_the_same_days_side_by_side(
+    project_env: dict[str, str], fake_api: FakeMessagesAPI, settings_file: Path, replay_db: str, tmp_path: Path
+) -> None:
+    data = yaml.safe_load(settings_file.read_text(encoding="utf-8"))
+    data["replay"]["database"] = replay_db
+    settings_file.write_text(yaml.safe_dump(data), encoding="utf-8")
+    out = tmp_path / "score.json"
+    env = {**project_env, **fake_api.env()}
+    args = ("--replay", f"{DAY}..{DAY}", "--brain", "claude", "--compare", "rules", "--json", str(out))
+    run = run_agent(*args, env=env)
+    assert run.returncode == 0, run.output
+    assert "Claude cycles; at most $" in run.stderr  # the estimate, before it starts
+    assert "IN-SAMPLE FOR THE MODEL" in run.stderr and "IN-SAMPLE FOR THE MODEL" in run.stdout  # no cutoff set
+    header = next(line for line in run.stdout.splitlines() if "(run " in line)
+    assert "claude (run" in header and "rules (run" in header
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert document["brain"] == "claude" and document["in_sample_for_model"] is True
+    compare = document["compare"]
+    assert compare["brain"] == "rules" and compare["in_sample_for_model"] is False and "compare" not in compare
+    assert set(compare) == set(document) - {"compare"}
+    assert compare["metrics"]["round_trips"] == 1 and document["metrics"]["round_trips"] == 0  # this model idles
