@@ -139,6 +139,29 @@ def round_trips(run: Any) -> list[Trade]:
                 reasoning=reasoning_of.get(cycle, "") if cycle is not None else "",
             )
         )
+    for symbol, trip in open_trips.items():  # still held when the replay ended: marked at the last price
+        held = trip["quantity"] - trip["sold"]
+        last = run.broker.feed.last_price(symbol) or Decimal(0)
+        entry = (trip["cost"] / trip["quantity"]).quantize(Decimal("0.001"))
+        pnl = (trip["proceeds"] + last * held - trip["cost"] - trip["fees"]).quantize(Decimal("0.01"))
+        cycle = trip["cycle"]
+        if cycle is not None and cycle not in reasoning_of:
+            decisions = journal.decisions(cycle)
+            reasoning_of[cycle] = decisions[-1].reasoning if decisions else ""
+        trades.append(
+            Trade(
+                symbol=symbol,
+                quantity=trip["quantity"],
+                entry_time=trip["time"],
+                entry_price=entry,
+                exit_time=None,
+                exit_price=None,
+                pnl_hkd=pnl,
+                r_multiple=None,
+                exit_reason=f"open at the end of the replay ({held} shares marked at {last})",
+                reasoning=reasoning_of.get(cycle, "") if cycle is not None else "",
+            )
+        )
     return trades
 
 
@@ -196,9 +219,10 @@ def score_run(run: Any, store: BarStore, options: Any, settings: Settings) -> Re
     closes = [start] + [float(e) for _d, e in run.closes]
     daily = [b / a - 1.0 for a, b in itertools.pairwise(closes) if a > 0]
     trades = round_trips(run)
-    wins = [float(t.pnl_hkd) for t in trades if t.pnl_hkd > 0]
-    losses = [float(t.pnl_hkd) for t in trades if t.pnl_hkd <= 0]
-    rs = [t.r_multiple for t in trades if t.r_multiple is not None]
+    closed = [t for t in trades if t.exit_time is not None]  # the round trips; open ones are listed, not scored
+    wins = [float(t.pnl_hkd) for t in closed if t.pnl_hkd > 0]
+    losses = [float(t.pnl_hkd) for t in closed if t.pnl_hkd <= 0]
+    rs = [t.r_multiple for t in closed if t.r_multiple is not None]
     exposure = [float(mv) / float(e) for _t, e, mv in run.equity if e > 0]
     tokens_in, tokens_out, cost = usage(run)
     metrics = {
@@ -207,10 +231,10 @@ def score_run(run: Any, store: BarStore, options: Any, settings: Settings) -> Re
         "excess_return": round(total - bench, 6) if bench is not None else None,
         "max_drawdown": round(_max_drawdown([start, *marks]), 6),
         "sharpe": round(s, 4) if (s := _sharpe(daily)) is not None else None,
-        "win_rate": round(len(wins) / len(trades), 4) if trades else None,
+        "win_rate": round(len(wins) / len(closed), 4) if closed else None,
         "profit_factor": round(sum(wins) / -sum(losses), 4) if losses and sum(losses) < 0 else None,
         "avg_r": round(sum(rs) / len(rs), 4) if rs else None,
-        "round_trips": len(trades),
+        "round_trips": len(closed),
         "fees_hkd": float(run.broker.state.fees),
         "exposure": round(sum(exposure) / len(exposure), 4) if exposure else 0.0,
         "blocked_by_rule": blocked_by_rule(run),

@@ -184,3 +184,27 @@ def test_orders_outside_continuous_trading_are_rejected() -> None:
     broker, _clock = account(market(), "12:30")
     with pytest.raises(OrderRejected, match="not in continuous trading"):
         broker.place_order(order(Side.BUY, limit="10.00"))
+
+
+def test_a_position_still_open_at_the_end_is_listed_with_its_mark_but_not_scored_as_a_round_trip(journal) -> None:
+    from types import SimpleNamespace
+
+    from replay import score
+    from replay.runner import ReplayRun
+
+    store = market({"10:00": (10_000, 10_000, 10_000, 10_000), "15:58": (10_500, 10_500, 10_500, 10_500)})
+    broker, clock = account(store, "10:00", slippage_ticks=0)
+    broker.place_order(order(Side.BUY, quantity=2 * LOT, limit="10.10"))
+    clock.advance_to(at("15:59"))
+    run = ReplayRun(1, "rules", "rules-v1", "run_1", CASH, broker=broker, journal=SimpleNamespace(journal=journal))
+    run.closes = [(DAY, broker.account().equity)]
+    (trade,) = score.round_trips(run)
+    assert trade.exit_time is None and trade.exit_price is None and "open at the end" in trade.exit_reason
+    fees = broker.state.fees
+    assert trade.pnl_hkd == (Decimal("10.50") - Decimal("10.00")) * 2 * LOT - fees
+    assert (
+        score.report_json(score.Report(1, DAY, DAY, "rules", "synthetic", False, {}, [], [trade]))["trades"][0][
+            "exit_time"
+        ]
+        is None
+    )
