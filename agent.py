@@ -45,6 +45,7 @@ examples:
   python agent.py                  # one cycle with the configured broker and Claude
   python agent.py --guard          # stops, take-profits, time stops, daily loss limit; no model
   python agent.py --check          # did today's scheduled cycles run? (alerts once per missed cycle)
+  python agent.py --replay 2026-09-01..2026-09-29 --brain rules --json score.json   # past days, scored
 """
 
 
