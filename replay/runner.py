@@ -196,9 +196,13 @@ def run_days(
                 from replay.score import usage
 
                 tokens_in, tokens_out, dollars = usage(result)
+                projected = ""
+                if claude is not None and result.cycles:  # the estimate, refined by what the cycles so far cost
+                    total_cycles = sum(1 for d in days for _w, m in schedule(d) if m == "trade")
+                    projected = f"  (~${dollars / len(result.cycles) * total_cycles:.2f} projected for the run)"
                 progress(
                     f"{day}  {brain:<6} fills {len(broker.state.fills):>3}  equity HK${account.equity:>14,.2f}  "
-                    f"tokens {tokens_in + tokens_out:>9,}  ${dollars:.4f}  errors {len(result.errors)}"
+                    f"tokens {tokens_in + tokens_out:>9,}  ${dollars:.4f}{projected}  errors {len(result.errors)}"
                 )
     except BaseException:
         status = "error"

@@ -156,6 +156,7 @@ def test_compare_rules_runs_both_brains_on_the_same_days_side_by_side(
     run = run_agent(*args, env=env)
     assert run.returncode == 0, run.output
     assert "Claude cycles; at most $" in run.stderr  # the estimate, before it starts
+    assert "projected for the run" in run.stderr  # and refined from the cycles' real cost as it goes
     assert "IN-SAMPLE FOR THE MODEL" in run.stderr and "IN-SAMPLE FOR THE MODEL" in run.stdout  # no cutoff set
     header = next(line for line in run.stdout.splitlines() if "(run " in line)
     assert "claude (run" in header and "rules (run" in header
