@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_NOW ?= 2026-11-20T10:15:00+08:00
 
-.PHONY: demo test lint format bench clean venv
+.PHONY: demo test lint format bench replay clean venv
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --naive
+
+# One month (21 XHKG trading days) of the rules brain on the built-in simulated market, offline; scored.
+replay: $(STAMP)
+	$(PY) agent.py --replay 2026-09-01..2026-09-29 --brain rules --feed synthetic --json var/replay/score.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

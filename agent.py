@@ -47,6 +47,7 @@ examples:
   python agent.py --check          # did today's scheduled cycles run? (alerts once per missed cycle)
   python agent.py --lessons        # what the agent learned from its trades; --lessons disable ID
   python agent.py --report 2026-11-02..2026-11-27 --out month.html   # an HTML report of a period
+  python agent.py --replay 2026-09-01..2026-09-29 --brain rules --json score.json   # past days, scored
 """
 
 
@@ -98,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the close",
     )
     parser.add_argument("--out", metavar="PATH", help="where --report/--digest writes the page (default reports/)")
+    mode.add_argument(
+        "--replay",
+        metavar="FROM..TO",
+        help="run the agent over past XHKG trading days (e.g. 2026-10-05..2026-10-30) with a replay clock, feed "
+        "and broker, in its own database; prints the score (README 'Replay')",
+    )
     parser.add_argument("--broker", choices=["futu", "sim"], help="override broker.name from the settings")
     parser.add_argument("--brain", choices=["claude", "rules"], help="override agent.brain from the settings")
     parser.add_argument(
@@ -114,6 +121,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="confirm trading a REAL account (needs broker.futu.trd_env: REAL too; paper is the default)",
     )
+    replay = parser.add_argument_group("replay (with --replay)")
+    replay.add_argument("--feed", choices=["recorded", "synthetic"], help="override replay.feed from the settings")
+    replay.add_argument("--compare", choices=["rules"], help="also run the rules brain on the same days, side by side")
+    replay.add_argument("--anonymize", action="store_true", help="hide symbols and names from the model")
+    replay.add_argument("--seed", type=int, metavar="N", help="synthetic market seed (default broker.sim.seed)")
+    replay.add_argument("--max-cost-usd", type=float, metavar="X", help="stop a Claude replay before it spends more")
+    replay.add_argument("--json", metavar="PATH", help="write the score as JSON (DESIGN.md section 7)")
     parser.add_argument(
         "-v",
         "--verbose",
@@ -156,6 +170,7 @@ class Run:
     broker: Any = None
     alerter: Any = None
     loop: Any = None  # brain.LoopResult of the running cycle: tokens and cost spent so far
+    brain: Any = None  # a brain to use instead of the configured one (the replay's cached Claude)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +204,10 @@ def execute(args: argparse.Namespace, run: Run) -> int:
 
     import structlog
 
+    if args.replay:  # past days with a replay clock, feed and broker, through the same cycle and guard
+        from replay.runner import replay_main
+
+        return replay_main(args, run, settings, Secrets.from_env())
     mode = "guard" if args.guard else "dry_run" if args.dry_run else "check" if args.check else "trade"
     mode = "lessons" if args.lessons is not None else mode
     real = settings.broker.name == "futu" and settings.broker.futu.trd_env == "REAL"
@@ -344,15 +363,10 @@ def open_and_run(
     check_disk_before_run(settings, secrets, mode)  # a full disk stops a cycle here, before any journal write
     run.journal = Journal.open(settings, secrets)
     run.alerter = Alerter(settings.alerts, secrets.smtp_password, run.journal)
-    brain_name = "none" if mode == "guard" else settings.agent.brain
-    model = None if mode == "guard" else (settings.claude.model if brain_name == "claude" else "rules-v1")
     now = clock()
     status = market_status(now)
     if mode != "guard" and not status.is_continuous:
-        cycle_id = run.journal.start_cycle(
-            run_id=run.run_id, mode=mode, broker=settings.broker.name, brain=brain_name, model=model,
-            started_at=now, trading_date=now.date(),
-        )  # fmt: skip
+        cycle_id = begin_cycle(run, settings, mode, now)
         run.journal.finish_cycle(cycle_id, status="skipped", finished_at=clock(), summary=status.description)
         log.info("market_closed", status=status.description, next_open=status.next_open.isoformat(timespec="minutes"))
         return EXIT_OK
@@ -362,15 +376,30 @@ def open_and_run(
         from config.errors import LockHeld
 
         raise LockHeld(f"Another agent instance holds the lock for {lock_key}: {holder}. Try again when it finishes.")
-    run.cycle_id = run.journal.start_cycle(
-        run_id=run.run_id, mode=mode, broker=settings.broker.name, brain=brain_name, model=model,
-        started_at=now, trading_date=now.date(),
-    )  # fmt: skip
+    run.cycle_id = begin_cycle(run, settings, mode, now)
     run.alerter.cycle_id = run.cycle_id
     broker, source = build_sources(settings, secrets, clock, args.live)
     run.broker = broker
     if mode == "dry_run":
         broker = DryRunBroker(broker, clock)
+    return dispatch(settings, secrets, run, broker, source, clock, mode, log)
+
+
+def begin_cycle(run: Run, settings: Any, mode: str, now: datetime, broker_name: str | None = None) -> int:
+    """Journal the start of a cycle or guard pass; returns its id."""
+    brain_name = "none" if mode == "guard" else settings.agent.brain
+    model = None if mode == "guard" else (settings.claude.model if brain_name == "claude" else "rules-v1")
+    return run.journal.start_cycle(
+        run_id=run.run_id, mode=mode, broker=broker_name or settings.broker.name, brain=brain_name, model=model,
+        started_at=now, trading_date=now.date(),
+    )  # fmt: skip
+
+
+def dispatch(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, clock: Any, mode: str, log: Any) -> int:
+    """One guard pass or one trading cycle against the given clock, broker and market data source.
+
+    The live run and the replay (``replay.runner``) both come through here: only what is injected differs.
+    """
     if mode == "guard":
         return run_guard(settings, run, broker, source, clock, log)
     return run_cycle(settings, secrets, run, broker, source, clock, mode, log)
@@ -672,7 +701,9 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
             priority="high",
             event="daily_loss_warning",
         )
-    if settings.agent.brain == "claude":
+    if run.brain is not None:
+        brain = run.brain
+    elif settings.agent.brain == "claude":
         brain = ClaudeBrain(settings, secrets.anthropic_api_key, tools.TOOLS)
     else:
         brain = RulesBrain(settings.risk, scan_limit=settings.agent.scan_limit)

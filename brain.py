@@ -156,10 +156,11 @@ class ClaudeBrain:
         )
 
     def next_turn(self, messages: list[dict[str, Any]]) -> Turn:
-        return self.complete(self.request(messages))
+        return self.send(self.request(messages))
 
-    def complete(self, body: dict[str, Any]) -> Turn:
-        """One Messages API call with ``body`` as the request (the tool loop's turns, and the lesson review)."""
+    def send(self, body: dict[str, Any]) -> Turn:
+        """One Messages API call with ``body`` as ``request`` builds it (the tool loop's turns, the lesson review;
+        the replay's response cache wraps this)."""
         try:
             response = self._client.messages.create(**body)
         except self._anthropic.APIConnectionError as exc:  # includes timeouts, after the SDK's own retries

@@ -657,7 +657,7 @@ def review_if_due(
         log.warning("lesson_review_over_budget", review_id=review_id, trades=trade_ids, reason=breach)
         return ReviewOutcome("over_budget", review_id, trade_ids, error=error)
     try:
-        turn = brain.complete(body)
+        turn = brain.send(body)
     except Exception as exc:  # a review is never worth a cycle: journal it and go on
         error = f"{type(exc).__name__}: {exc}"[:1000]
         review_id = store.record_review(

@@ -470,6 +470,7 @@ class FutuClient:
         sleep: Callable[[float], None] = time.sleep,
         retry_attempts: int = 3,
         retry_wait_s: float = 0.5,
+        quote_only: bool = False,
     ) -> None:
         if settings.trd_env == "REAL" and not live_confirmed:
             raise ConfigError(
@@ -498,7 +499,8 @@ class FutuClient:
         self._futu = import_futu()
         try:
             self._quote_ctx = self._open_quote_context()
-            self._trade_ctx = self._open_trade_context()
+            # quote_only (the history fetch): market data only, no trade context is ever opened.
+            self._trade_ctx = None if quote_only else self._open_trade_context()
         except BaseException:
             self.close()
             raise
@@ -1200,6 +1202,55 @@ class FutuClient:
                 )
             )
         return bars[-count:]
+
+    def history_quota(self) -> tuple[int, int, list[str]]:
+        """The historical K-line quota: (used, remaining, codes already counted in the current 30-day window)."""
+        data = self._read(
+            "quote",
+            "history_quota",
+            "get_history_kl_quota",
+            lambda ctx: ctx.get_history_kl_quota(get_detail=True),
+        )
+        used, remaining, detail = data
+        return int(used), int(remaining), [str(item["code"]) for item in detail]
+
+    def history_page(
+        self, symbol: str, timeframe: str, first: date, last: date, page_key: Any = None, page_size: int = 1000
+    ) -> tuple[list[Bar], Any]:
+        """One page of unadjusted bars of ``first..last`` (bar times are bar STARTS: Futu's end labels converted),
+        and the key of the next page (None after the last)."""
+        kl_type, minutes = TIMEFRAMES[timeframe]
+        futu = self._futu
+        data = self._read(
+            "quote",
+            "history_kline",
+            f"request_history_kline ({symbol} {timeframe} {first}..{last})",
+            lambda ctx: ctx.request_history_kline(
+                symbol,
+                start=first.isoformat(),
+                end=last.isoformat(),
+                ktype=getattr(futu.KLType, kl_type),
+                autype=futu.AuType.NONE,
+                max_count=page_size,
+                page_req_key=page_key,
+            ),
+        )
+        frame, next_key = data if isinstance(data, tuple) else (data, None)
+        step = timedelta(minutes=minutes)
+        bars = []
+        for row in _rows(frame):
+            labelled = parse_futu_time(_text(row.get("time_key")))
+            bars.append(
+                Bar(
+                    time=labelled - step if minutes else labelled,
+                    open=_dec0(row.get("open")),
+                    high=_dec0(row.get("high")),
+                    low=_dec0(row.get("low")),
+                    close=_dec0(row.get("close")),
+                    volume=_int(row.get("volume")),
+                )
+            )
+        return bars, next_key
 
     def index_constituents(self, index: str) -> list[str]:
         """Constituents of HSI, HSCEI, HSTECH (Futu index plates HK.800000/800100/800700) or ALL (their union)."""

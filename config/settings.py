@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import time
+from datetime import date, time
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -125,6 +125,8 @@ class ClaudeSettings(_Section):
     request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 120
     prompt_caching: bool = True
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    # Per model id: the last day its training data may cover. A replay of days before it is "in-sample".
+    knowledge_cutoff: dict[str, date] = Field(default_factory=dict)
 
     @field_validator("model")
     @classmethod
@@ -196,6 +198,15 @@ class ReflectionSettings(_Section):
     max_lessons: Annotated[int, Field(ge=0, le=10)] = 5  # newest active lessons in a cycle's first message
 
 
+class ReplaySettings(_Section):
+    """``agent.py --replay``: its own database on the journal's server, and how fills are made."""
+
+    database: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]{0,62}$")] = "catalyst_replay"
+    feed: Literal["recorded", "synthetic"] = "synthetic"
+    slippage_ticks: Annotated[int, Field(ge=0, le=20)] = 1  # each market/marketable fill, against us
+    benchmark: str = "HK.02800"  # buy-and-hold benchmark when the data has it (else the equal-weight universe)
+
+
 class Settings(_Section):
     exchange: ExchangeSettings = ExchangeSettings()
     broker: BrokerSettings = BrokerSettings()
@@ -207,6 +218,7 @@ class Settings(_Section):
     backup: BackupSettings = BackupSettings()
     housekeeping: HousekeepingSettings = HousekeepingSettings()
     reflection: ReflectionSettings = ReflectionSettings()
+    replay: ReplaySettings = ReplaySettings()
     source: Path | None = Field(default=None, exclude=True)
 
     def resolve(self, path: Path) -> Path:

@@ -967,6 +967,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="agent.quote_ttl_s for the optimised run (default: the one in config/settings.yaml)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON to PATH")
+    parser.add_argument(
+        "--replay-days", type=int, default=21, help="trading days of the replay figure (default 21; 0 = skip it)"
+    )
     parser.add_argument("--no-import-profile", action="store_true", help="skip the extra python -X importtime runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, settings)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-cycle progress on stderr")
@@ -1008,6 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
                 else None
             )
             help_ms = time_help(args.help_runs)
+            replay = run_replay(workspace, args.replay_days, echo=not args.quiet) if args.replay_days > 0 else None
             imports = dict(opt.imports)
             if not args.no_import_profile:
                 imports["--help"] = import_profile([str(AGENT), "--help"], base_env())
@@ -1016,11 +1020,123 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for line in report(opt, naive, help_ms, imports, args.think_ms):
         print(line, flush=True)
+    if replay is not None:
+        print(replay_line(replay), flush=True)
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(as_json(opt, naive, help_ms, imports), indent=2, default=str), encoding="utf-8"
-        )
+        document = as_json(opt, naive, help_ms, imports)
+        if replay is not None:
+            document["replay"] = {**replay.__dict__, "separate_s": replay.separate_s}
+        Path(args.json).write_text(json.dumps(document, indent=2, default=str), encoding="utf-8")
     return 0
+
+
+# ==============================================================================================================
+# Replay
+# ==============================================================================================================
+
+REPLAY_FIRST, REPLAY_LAST = "2026-09-01", "2026-09-29"  # 21 XHKG trading days
+REPLAY_TARGET_S, REPLAY_TARGET_MB = 60.0, 1024.0
+_PEAK_RSS = (
+    "import resource, runpy, sys\n"
+    "sys.argv = sys.argv[1:]\n"
+    "try:\n"
+    "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "except SystemExit as done:\n"
+    "    code = done.code\n"
+    "else:\n"
+    "    code = 0\n"
+    "print(f'peak_rss_kb={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+@dataclass
+class ReplayFigures:
+    days: int
+    symbols: int
+    cycles: int
+    guards: int
+    wall_s: float
+    peak_mb: float
+    cycle_process_s: float
+    guard_process_s: float
+
+    @property
+    def separate_s(self) -> float:
+        """The same schedule as one agent.py process per pass, as cron would run it."""
+        return self.cycles * self.cycle_process_s + self.guards * self.guard_process_s
+
+
+def run_replay(workspace: Workspace, days: int, echo: bool) -> ReplayFigures:
+    """``agent.py --replay`` over ``days`` synthetic trading days with the rules brain, and one cycle and one
+    guard pass run as separate processes at a time of that month, for the comparison."""
+    from datetime import date
+
+    import yaml
+
+    from brokers.sim import UNIVERSE
+    from replay.feed import sessions_between
+    from replay.runner import schedule
+
+    folder = workspace.folder / "replay"
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = write_settings(folder, naive=False)
+    data = yaml.safe_load(settings.read_text(encoding="utf-8"))
+    data["replay"]["database"] = f"catalyst_bench_replay_{uuid.uuid4().hex[:8]}"
+    settings.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    env = {**base_env(), "DATABASE_URL": workspace.new_database(), "CATALYST_CONFIG": str(settings)}
+    span = sessions_between(date.fromisoformat(REPLAY_FIRST), date.fromisoformat(REPLAY_LAST))[: max(1, days)]
+    passes = [mode for day in span for _when, mode in schedule(day)]
+    if echo:
+        print(f"replay: {len(span)} day(s), {len(passes)} passes ...", file=sys.stderr, flush=True)
+    args = [
+        "-c",
+        _PEAK_RSS,
+        str(AGENT),
+        "--replay",
+        f"{span[0]}..{span[-1]}",
+        "--brain",
+        "rules",
+        "--feed",
+        "synthetic",
+    ]
+    run = run_process(args, env)
+    if run.returncode != 0:
+        raise BenchError(f"agent.py --replay failed (exit {run.returncode}):\n{_tail(run.output)}")
+    match = re.search(r"peak_rss_kb=(\d+)", run.output)
+    peak_mb = int(match.group(1)) / 1024 if match else float("nan")
+    at = f"{span[0]}T13:00:00+08:00"
+    cycle = run_process([str(AGENT), "--broker", "sim", "--brain", "rules", "--now", at], env)
+    guard = run_process([str(AGENT), "--guard", "--broker", "sim", "--now", at.replace("13:00", "13:05")], env)
+    for name, done in (("cycle", cycle), ("guard pass", guard)):
+        if done.returncode != 0:
+            raise BenchError(f"the separate {name} process failed (exit {done.returncode}):\n{_tail(done.output)}")
+    return ReplayFigures(
+        days=len(span),
+        symbols=len(UNIVERSE),
+        cycles=passes.count("trade"),
+        guards=passes.count("guard"),
+        wall_s=run.wall_s,
+        peak_mb=peak_mb,
+        cycle_process_s=cycle.wall_s,
+        guard_process_s=guard.wall_s,
+    )
+
+
+def replay_line(r: ReplayFigures) -> str:
+    full_month = r.days >= 21
+    targets = (
+        _target(r.wall_s <= REPLAY_TARGET_S, f"{REPLAY_TARGET_S:.0f} s for 21 days")
+        + _target(r.peak_mb <= REPLAY_TARGET_MB, "1 GB")
+        if full_month
+        else "  (targets apply to 21 days)"
+    )
+    return (
+        f"replay: {r.days} trading day(s) x {r.symbols} symbols, 1-minute bars, rules brain, {r.cycles} cycles + "
+        f"{r.guards} guard passes: {r.wall_s:,.1f} s wall, peak memory {r.peak_mb:,.0f} MB; the same schedule as "
+        f"separate agent.py processes ~{r.separate_s:,.0f} s (cycle {r.cycle_process_s:.1f} s, guard "
+        f"{r.guard_process_s:.1f} s each): {_ratio(r.wall_s, r.separate_s, 'faster')}" + targets
+    )
 
 
 def quiet_logging() -> None:

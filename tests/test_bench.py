@@ -38,6 +38,7 @@ FIGURES = (
     "guard pass wall time",
     "agent.py --help wall time",
     "start-up imports (python -X importtime, one extra run each, ms)",
+    "replay",
 )
 
 
@@ -54,6 +55,7 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory, postgres_admin_dsn: str)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "OPEND_", "CATALYST_"))}
     env["DATABASE_URL"] = postgres_admin_dsn  # the session's server: the bench creates and drops its databases
     args = ["--cycles", "1", "--naive", "--guard-runs", "1", "--help-runs", "1", "--json", str(out), "-q"]
+    args += ["--replay-days", "1"]
     done = subprocess.run(
         [sys.executable, str(BENCH), *args],
         env=env,
@@ -153,3 +155,13 @@ def test_import_profiles_name_the_packages(bench_run: tuple[dict[str, str], dict
     assert "talib" not in profiles["guard"]["by_package"]  # nor TA-Lib (the guard computes no indicator)
     assert profiles["--help"]["total_ms"] < profiles["guard"]["total_ms"]
     assert "cycle" in lines["start-up imports (python -X importtime, one extra run each, ms)"]
+
+
+def test_the_replay_figure_compares_one_process_with_separate_processes(bench_run: tuple[dict[str, str], dict]) -> None:
+    lines, data = bench_run
+    line = lines["replay"]
+    assert line.startswith("1 trading day(s) x 30 symbols") and "(targets apply to 21 days)" in line
+    replay = data["replay"]
+    assert (replay["cycles"], replay["guards"]) == (2, 64)  # 09:30 and 13:00; every 5 min of continuous trading
+    assert replay["wall_s"] > 0 and replay["peak_mb"] > 0 and replay["separate_s"] > 0
+    assert number(line, r"~([\d,]+) s \(cycle") == round(replay["separate_s"])

@@ -75,6 +75,18 @@ CONTRACT: dict[str, set[str]] = {
         "updated_at",
     },
     "schema_migrations": {"name", "applied_at"},
+    # Market history and replays (DESIGN.md section 7; migration 006).
+    "instruments": {"symbol", "name", "lot_size", "updated_at"},
+    "market_bars": {
+        "symbol", "timeframe", "bar_start", "open", "high", "low", "close", "volume", "turnover", "source",
+        "imported_at",
+    },
+    "history_fetches": {"symbol", "timeframe", "day", "bars", "fetched_at"},
+    "replay_runs": {
+        "id", "started_at", "finished_at", "from_date", "to_date", "brain", "feed", "status", "schema_name",
+        "settings", "metrics",
+    },
+    "model_response_cache": {"request_sha256", "model", "response", "created_at"},
 }  # fmt: skip
 
 

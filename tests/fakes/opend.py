@@ -64,6 +64,7 @@ TRD_MODIFY_ORDER = 2205
 TRD_UPDATE_ORDER = 2208
 TRD_GET_HISTORY_ORDER_LIST = 2221
 QOT_REQUEST_HISTORY_KL = 3103
+QOT_REQUEST_HISTORY_KL_QUOTA = 3104
 QOT_GET_SECURITY_SNAPSHOT = 3203
 QOT_GET_PLATE_SECURITY = 3205
 QOT_GET_MARKET_STATE = 3223
@@ -83,6 +84,7 @@ PB_MODULES: dict[int, str] = {
     TRD_MODIFY_ORDER: "Trd_ModifyOrder",
     TRD_GET_HISTORY_ORDER_LIST: "Trd_GetHistoryOrderList",
     QOT_REQUEST_HISTORY_KL: "Qot_RequestHistoryKL",
+    QOT_REQUEST_HISTORY_KL_QUOTA: "Qot_RequestHistoryKLQuota",
     QOT_GET_SECURITY_SNAPSHOT: "Qot_GetSecuritySnapshot",
     QOT_GET_PLATE_SECURITY: "Qot_GetPlateSecurity",
     QOT_GET_MARKET_STATE: "Qot_GetMarketState",
@@ -251,6 +253,11 @@ class FakeOpenD:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.errors: list[str] = []  # internal errors of the fake itself (a test should see none)
+        # Historical K-line quota: distinct stocks per 30 days, as OpenD counts it. A history request for a stock
+        # not yet counted is refused once the quota is used up.
+        self.history_quota = 100
+        self.history_codes: dict[str, datetime] = {}  # code -> when it was first fetched in this window
+        self.refuse_history_for: set[str] = set()  # symbols (HK.00700) whose history requests fail, as on a fault
         self.accepted_connections = 0
 
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -570,6 +577,12 @@ class FakeOpenD:
         if timeframe is None:
             raise _Refused(f"FakeOpenD serves K-line types {sorted(KL_TYPE_TO_TIMEFRAME)}, not {c2s.klType}")
         symbol = f"HK.{c2s.security.code}"
+        if symbol in self.refuse_history_for:
+            raise _Refused(f"history K-line request for {symbol} failed (injected by refuse_history_for)")
+        if symbol not in self.history_codes:
+            if len(self.history_codes) >= self.history_quota:
+                raise _Refused(f"historical K-line quota used up ({self.history_quota} stocks per 30 days)")
+            self.history_codes[symbol] = self._clock()
         begin = _parse_hkt(c2s.beginTime)
         end = _parse_hkt(c2s.endTime)
         now = self._clock()
@@ -605,6 +618,19 @@ class FakeOpenD:
             prev_close = bar.close
         if offset + limit < len(rows):
             s2c.nextReqKey = str(offset + limit).encode()
+
+    def _h_qot_requesthistoryklquota(self, conn: _Connection, c2s: Any, response: Any) -> None:
+        s2c = response.s2c
+        s2c.usedQuota = len(self.history_codes)
+        s2c.remainQuota = max(0, self.history_quota - len(self.history_codes))
+        if c2s.HasField("bGetDetail") and c2s.bGetDetail:
+            for symbol, when in self.history_codes.items():
+                item = s2c.detailList.add()
+                item.security.market = QOT_MARKET_HK
+                item.security.code = symbol[3:]
+                item.name = symbol[3:]
+                item.requestTime = _hkt_text(when)
+                item.requestTimeStamp = int(when.timestamp())
 
     def _h_qot_getplatesecurity(self, conn: _Connection, c2s: Any, response: Any) -> None:
         market = self._require_market()
