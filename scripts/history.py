@@ -76,7 +76,7 @@ def run_import(conn: Any, files: list[Path]) -> int:
 def run_fetch(conn: Any, args: argparse.Namespace) -> int:
     from brokers.futu import FutuClient
     from brokers.hkex import normalize_symbol
-    from config.errors import AgentError, BrokerTemporaryError, BrokerUnavailable
+    from config.errors import AgentError, BrokerRequestRefused, BrokerTemporaryError, BrokerUnavailable
     from config.settings import load_settings
     from data.history_fetch import fetch
 
@@ -97,7 +97,9 @@ def run_fetch(conn: Any, args: argparse.Namespace) -> int:
         return exc.exit_code
     try:
         result = fetch(conn, client, symbols, args.first, args.last, timeframes, say=lambda t: print(t, flush=True))
-    except (BrokerTemporaryError, BrokerUnavailable) as exc:
+    except (BrokerTemporaryError, BrokerUnavailable, BrokerRequestRefused) as exc:
+        # A refusal (e.g. no quote right for one stock) stops the fetch as cleanly as an outage: what was fetched
+        # is kept, and once the cause is fixed the same command resumes.
         print(f"error: {exc} What was fetched is stored; run the same command again to resume.", file=sys.stderr)
         return 3
     finally:
