@@ -53,7 +53,8 @@ def _listed(items: list[str]) -> str:
 
 def _order_text(order: OrderRow) -> str:
     price = f" @ {_num(order.limit_price)}" if order.limit_price is not None else f" {order.order_type.value}"
-    text = f"{order.side.value.upper()} {order.quantity} {order.symbol}{price}: {_ORDER_STATE.get(order.status, '')}"
+    state = _ORDER_STATE.get(order.status, "")
+    text = f"{order.side.value.upper()} {order.quantity} {order.symbol}{price}" + (f": {state}" if state else "")
     if order.filled_quantity and order.avg_fill_price is not None:
         text += f" {order.filled_quantity} @ {_num(order.avg_fill_price)}"
     return text
