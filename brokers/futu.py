@@ -877,17 +877,8 @@ class FutuClient:
                     code="unknown_symbol",
                 )
             price = quotes[0].last_price
-        gross = price * request.quantity
-        costs = hkex.trading_costs(gross, self._commission_pct, self._min_commission).total
-        net = -(gross + costs) if request.side is Side.BUY else gross - costs
-        return OrderPreview(
-            symbol=request.symbol,
-            side=request.side,
-            quantity=request.quantity,
-            price=price,
-            gross_value=gross,
-            costs=costs,
-            net_cash_change=net,
+        return hkex.order_preview(
+            request.symbol, request.side, request.quantity, price, self._commission_pct, self._min_commission
         )
 
     def _check_order(self, request: OrderRequest) -> Quote:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from brokers.base import Side
+from brokers.base import OrderPreview, Side
 
 # --------------------------------------------------------------------------------------------------------------
 # Symbols
@@ -345,4 +345,17 @@ def trading_costs(gross_value: Decimal, commission_pct: Decimal | float, min_com
         trading_fee=trading_fee,
         settlement_fee=settlement_fee,
         total=total,
+    )
+
+
+def order_preview(
+    symbol: str, side: Side, quantity: int, price: Decimal, commission_pct: Decimal, min_commission: Decimal
+) -> OrderPreview:
+    """What an order of ``quantity`` at ``price`` would cost one side (gross, HKEX charges plus commission, and
+    the net change of cash: negative for a buy). The one formula every broker's ``preview_order`` uses."""
+    gross = (price * quantity).quantize(Decimal("0.01"))
+    costs = trading_costs(gross, commission_pct, min_commission).total
+    net = -(gross + costs) if side is Side.BUY else gross - costs
+    return OrderPreview(
+        symbol=symbol, side=side, quantity=quantity, price=price, gross_value=gross, costs=costs, net_cash_change=net
     )

@@ -1375,17 +1375,8 @@ class SimBroker:
             price = request.limit_price
             if request.order_type is OrderType.MARKET or price is None:
                 price = _milli_to_decimal(ex._last_price_milli(inst, ex.now())[0])
-            gross = (price * request.quantity).quantize(_CENT)
-            costs = ex._costs(gross).total
-            net = -(gross + costs) if request.side is Side.BUY else gross - costs
-            return OrderPreview(
-                symbol=inst.symbol,
-                side=request.side,
-                quantity=request.quantity,
-                price=price,
-                gross_value=gross,
-                costs=costs,
-                net_cash_change=net,
+            return hkex.order_preview(
+                inst.symbol, request.side, request.quantity, price, ex.commission_pct, ex.min_commission
             )
 
     def place_order(self, request: OrderRequest) -> Order:

@@ -144,17 +144,8 @@ class ReplayBroker:
             raise OrderRejected(
                 f"Could not preview {request.symbol}: the replay has no data for it.", code="unknown_symbol"
             )
-        gross = (price * request.quantity).quantize(_CENT)
-        costs = self._costs(gross)
-        net = -(gross + costs) if request.side is Side.BUY else gross - costs
-        return OrderPreview(
-            symbol=request.symbol,
-            side=request.side,
-            quantity=request.quantity,
-            price=price,
-            gross_value=gross,
-            costs=costs,
-            net_cash_change=net,
+        return hkex.order_preview(
+            request.symbol, request.side, request.quantity, price, self.commission_pct, self.min_commission
         )
 
     # --- writes -----------------------------------------------------------------------------------------------
