@@ -17,9 +17,12 @@ import pytest
 import yaml
 from psycopg import sql
 
+from replay.feed import sessions_before
 from report.render import pct
 from tests.agent_runner import run_agent
 from tests.report_page import money, parse_page, percent, table_column
+from tests.test_history import DAY as RECORDED_DAY
+from tests.test_history import history, synthetic_csv
 
 # Seed 42 (the shipped sim seed): a momentum entry in HK.00883 at 13:00 on 2026-09-08 and a take-profit exit
 # at 14:40; the days either side have no trade, so the run starts and ends flat.
@@ -135,3 +138,27 @@ def test_report_of_a_second_run_of_the_same_days_shows_only_that_run(
         shown = table_column(page, "trades-table", "Symbol") if "trades-table" in page.tables else []
         assert shown == [t["symbol"] for t in score["trades"] if t["exit_time"]]
         assert table_column(page, "cycles-table", "Mode").count("trade") == 2  # not four
+
+
+def test_the_report_of_a_recorded_replay_charts_its_trades_from_the_recorded_history(
+    project_env: dict[str, str], replay_db: str, tmp_path: Path
+) -> None:
+    """A replay of imported bars: the recorded history is in the live journal (market_bars), the run in the replay
+    database; the page draws the trade's minute bars from the history, read-only, and agrees with the score."""
+    path = synthetic_csv(tmp_path / "export.csv", [*sessions_before(RECORDED_DAY, 3), RECORDED_DAY])
+    imported = history("import", str(path), env=project_env)
+    assert imported.returncode == 0, imported.stderr
+    score_path, page_path = tmp_path / "score.json", tmp_path / "recorded.html"
+    replay = run_agent("--replay", f"{RECORDED_DAY}..{RECORDED_DAY}", "--brain", "rules", "--feed", "recorded",
+                       "--json", str(score_path), env=project_env)  # fmt: skip
+    assert replay.returncode == 0, replay.output
+    score = json.loads(score_path.read_text(encoding="utf-8"))
+    assert [t["symbol"] for t in score["trades"]] == ["HK.00883"]
+    report = run_agent("--report", f"replay:{score['run_id']}", "--out", str(page_path), env=project_env)
+    assert report.returncode == 0, report.output
+    page = parse_page(page_path.read_text(encoding="utf-8"))
+    assert page.figures["round_trips"] == "1" and page.no_chart == []
+    assert money(page.figures["fees_hkd"]) == Decimal(str(score["metrics"]["fees_hkd"]))
+    assert money(page.figures["pnl_hkd"]) == Decimal(str(score["trades"][0]["pnl_hkd"]))
+    (chart,) = [(i, c) for i, c in enumerate(page.charts) if c.get("data-chart") == "trade"]
+    assert chart[1]["data-symbol"] == "HK.00883" and page.chart_paths[chart[0]] > 0
