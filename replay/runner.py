@@ -133,11 +133,10 @@ def run_days(
     import agent
     from data.alerts import Alerter
     from replay.journal import ReplayJournal
+    from replay.score import in_sample
 
     started = time.perf_counter()
     days = sessions_between(options.first, options.last)
-    from replay.score import in_sample
-
     config = {
         "seed": options.seed,
         "slippage_ticks": settings.replay.slippage_ticks,
