@@ -76,7 +76,7 @@ def run_import(conn: Any, files: list[Path]) -> int:
 def run_fetch(conn: Any, args: argparse.Namespace) -> int:
     from brokers.futu import FutuClient
     from brokers.hkex import normalize_symbol
-    from config.errors import AgentError, BrokerTemporaryError, BrokerUnavailable
+    from config.errors import AgentError, BrokerRequestRefused, BrokerTemporaryError, BrokerUnavailable
     from config.settings import load_settings
     from data.history_fetch import fetch
 
@@ -99,6 +99,13 @@ def run_fetch(conn: Any, args: argparse.Namespace) -> int:
         result = fetch(conn, client, symbols, args.first, args.last, timeframes, say=lambda t: print(t, flush=True))
     except (BrokerTemporaryError, BrokerUnavailable) as exc:
         print(f"error: {exc} What was fetched is stored; run the same command again to resume.", file=sys.stderr)
+        return 3
+    except BrokerRequestRefused as exc:  # OpenD refused one request outright (the futu client no longer retries it)
+        print(
+            f"error: {exc} What was fetched is stored; fix the cause (or leave that symbol out), then run the same "
+            "command again to resume.",
+            file=sys.stderr,
+        )
         return 3
     finally:
         client.close()
