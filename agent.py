@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     replay.add_argument("--feed", choices=["recorded", "synthetic"], help="override replay.feed from the settings")
     replay.add_argument("--compare", choices=["rules"], help="also run the rules brain on the same days, side by side")
     replay.add_argument("--anonymize", action="store_true", help="hide symbols and names from the model")
+    replay.add_argument(
+        "--reflection", choices=["on", "off"], help="lessons in a Claude replay (default reflection.enabled)"
+    )
     replay.add_argument("--seed", type=int, metavar="N", help="synthetic market seed (default broker.sim.seed)")
     replay.add_argument("--max-cost-usd", type=float, metavar="X", help="stop a Claude replay before it spends more")
     replay.add_argument("--json", metavar="PATH", help="write the score as JSON (DESIGN.md section 7)")

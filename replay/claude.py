@@ -1,11 +1,11 @@
 """Claude in a replay: the real ``ClaudeBrain`` behind a response cache and, with ``--anonymize``, aliases.
 
-``ReplayBrain`` is a ``brain.Brain``. For each turn it builds the exact request ``ClaudeBrain`` would send,
-replaces (with ``--anonymize``) every symbol and company name by a stable alias, and looks the request's SHA-256
-up in ``model_response_cache`` (replay database): a hit is replayed at no cost, a miss is sent through the SDK
-and stored. The reply's tool inputs and text are mapped back to real symbols before the tool loop sees them,
-so the gate, safety and broker work on real symbols; the next request is anonymized again from scratch, so the
-model never sees a real symbol or name, however the conversation grew.
+``ReplayBrain`` is a ``brain.Brain``. For each turn (and each lesson review, through ``send``) it builds the exact
+request ``ClaudeBrain`` would send, replaces (with ``--anonymize``) every symbol and company name by a stable
+alias, and looks the request's SHA-256 up in ``model_response_cache`` (replay database): a hit is replayed at no
+cost, a miss is sent through the SDK and stored. The reply's tool inputs and text are mapped back to real symbols
+before the tool loop sees them, so the gate, safety and broker work on real symbols; the next request is
+anonymized again from scratch, so the model never sees a real symbol or name, however the conversation grew.
 """
 
 from __future__ import annotations
@@ -76,7 +76,11 @@ class ReplayBrain:
         self.misses = 0
 
     def next_turn(self, messages: list[dict[str, Any]]) -> Turn:
-        body = self._inner.request(messages)
+        return self.send(self._inner.request(messages))
+
+    def send(self, body: dict[str, Any]) -> Turn:
+        """One request, cached (and anonymized) like a turn: the tool loop's turns and the lesson review's call
+        (``reflection.review_if_due``) both come through here."""
         if self._aliases is not None:
             body = self._aliases.hide(body)
         key = request_key(body)

@@ -98,12 +98,16 @@ class ReplayJournal:
             raise
         return cls(register, journal, run_id, schema)
 
-    def finish(self, status: str, metrics: dict[str, Any], finished_at: datetime) -> None:
-        """Close the register row with the run's outcome and score."""
+    def finish(
+        self, status: str, metrics: dict[str, Any], finished_at: datetime, notes: dict[str, Any] | None = None
+    ) -> None:
+        """Close the register row with the run's outcome and score; ``notes`` join its ``settings`` (e.g. what the
+        benchmark was), for ``--report replay:ID``."""
         try:
             self.register.execute(
-                "UPDATE replay_runs SET status = %s, metrics = %s, finished_at = %s WHERE id = %s",
-                (status, jsonb(metrics), finished_at, self.run_id),
+                "UPDATE replay_runs SET status = %s, metrics = %s, finished_at = %s, settings = settings || %s "
+                "WHERE id = %s",
+                (status, jsonb(metrics), finished_at, jsonb(notes or {}), self.run_id),
             )
         except psycopg.Error as exc:
             raise JournalError(f"Could not record the outcome of replay run {self.run_id}: {exc}") from None

@@ -48,6 +48,7 @@ class ReplayOptions:
     anonymize: bool = False
     max_cost_usd: float | None = None
     json_path: Path | None = None
+    reflection: bool | None = None  # --reflection on|off for a Claude replay; None: reflection.enabled
 
 
 def parse_range(text: str) -> tuple[date, date]:
@@ -83,12 +84,15 @@ def schedule(day: date) -> list[tuple[datetime, str]]:
     return passes
 
 
-def replay_settings(settings: Settings, brain: str, run_id: int) -> Settings:
+def replay_settings(settings: Settings, brain: str, run_id: int, reflection: bool | None = None) -> Settings:
     """The settings a replay's passes see: the chosen brain, in-memory K-line caches (broker ``sim``), no e-mail,
-    and a kill-switch file of the run's own that never exists (the live HALT file governs live trading only)."""
+    a kill-switch file of the run's own that never exists (the live HALT file governs live trading only), and
+    ``--reflection on|off`` as ``reflection.enabled`` (lessons live in the run's own schema, dated by its clock)."""
+    enabled = settings.reflection.enabled if reflection is None else reflection
     return settings.model_copy(
         update={
             "agent": settings.agent.model_copy(update={"brain": brain}),
+            "reflection": settings.reflection.model_copy(update={"enabled": enabled}),
             "broker": settings.broker.model_copy(update={"name": "sim"}),
             "alerts": settings.alerts.model_copy(update={"smtp_host": "", "email": ""}),
             "risk": settings.risk.model_copy(update={"halt_file": Path(f"var/replay/run-{run_id}/HALT")}),
@@ -129,14 +133,24 @@ def run_days(
     import agent
     from data.alerts import Alerter
     from replay.journal import ReplayJournal
+    from replay.score import in_sample
 
     started = time.perf_counter()
     days = sessions_between(options.first, options.last)
-    config = {"seed": options.seed, "slippage_ticks": settings.replay.slippage_ticks, "model": settings.claude.model}
+    config = {
+        "seed": options.seed,
+        "slippage_ticks": settings.replay.slippage_ticks,
+        "model": settings.claude.model if brain == "claude" else "rules-v1",
+        "in_sample_for_model": in_sample(settings, brain, options.first),  # shown by --report replay:ID
+        "benchmark": settings.replay.benchmark,
+        "reflection": (settings.reflection.enabled if options.reflection is None else options.reflection)
+        if brain == "claude"
+        else None,  # the rules brain has no reflection
+    }
     rj = ReplayJournal.create(
         settings, secrets, first=options.first, last=options.last, brain=brain, feed=options.feed, config=config
     )
-    rsettings = replay_settings(settings, brain, rj.run_id)
+    rsettings = replay_settings(settings, brain, rj.run_id, options.reflection if brain == "claude" else None)
     clock = ReplayClock(datetime.combine(days[0], datetime.min.time(), HKT))
     feed = ReplayFeed(store, clock, benchmark=settings.replay.benchmark)
     sim = settings.broker.sim
@@ -298,6 +312,7 @@ def options_from_args(args: argparse.Namespace, settings: Settings) -> ReplayOpt
         anonymize=bool(args.anonymize),
         max_cost_usd=args.max_cost_usd,
         json_path=Path(args.json) if args.json else None,
+        reflection=None if args.reflection is None else args.reflection == "on",
     )
 
 
@@ -308,6 +323,10 @@ def replay_main(args: argparse.Namespace, run: Any, settings: Settings, secrets:
     options = options_from_args(args, settings)
     if options.brain != "claude" and (options.anonymize or options.max_cost_usd is not None):
         raise ConfigError("--anonymize and --max-cost-usd apply to Claude replays: add --brain claude.")
+    if options.brain != "claude" and options.reflection is not None:
+        raise ConfigError(
+            "--reflection applies to Claude replays (the rules brain has no lessons): add --brain claude."
+        )
     if options.brain == "claude":
         print(cost_estimate(settings, sessions_between(options.first, options.last)), file=sys.stderr)
         if score.in_sample(settings, "claude", options.first):
@@ -333,9 +352,14 @@ def replay_main(args: argparse.Namespace, run: Any, settings: Settings, secrets:
     if options.compare:
         other = run_days(settings, secrets, store, options, options.compare, progress=progress)
         compare_report = score.score_run(other, store, options, settings)
-        other.journal.finish("ok", compare_report.metrics, datetime.now(HKT))
+        other.journal.finish(
+            "ok", compare_report.metrics, datetime.now(HKT), {"benchmark_label": compare_report.benchmark_label}
+        )
         other.journal.close()
-    main_run.journal.finish("stopped" if main_run.stopped else "ok", report.metrics, datetime.now(HKT))
+    main_run.journal.finish(
+        "stopped" if main_run.stopped else "ok", report.metrics, datetime.now(HKT),
+        {"benchmark_label": report.benchmark_label, "stopped": main_run.stopped},
+    )  # fmt: skip
     main_run.journal.close()
     print(score.render_table(report, compare_report))
     if main_run.stopped:

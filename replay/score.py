@@ -49,6 +49,7 @@ class Report:
     equity: list[dict[str, Any]]
     trades: list[Trade] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    benchmark_label: str = ""  # what the benchmark return is of (kept in the run's register for --report)
 
 
 def in_sample(settings: Settings, brain: str, first: date) -> bool:
@@ -215,7 +216,7 @@ def score_run(run: Any, store: BarStore, options: Any, settings: Settings) -> Re
     marks = [float(e) for _t, e, _mv in run.equity]
     final = marks[-1] if marks else start
     total = final / start - 1.0
-    bench, _bench_label = benchmark_return(store, options.first, options.last, settings.replay.benchmark)
+    bench, bench_label = benchmark_return(store, options.first, options.last, settings.replay.benchmark)
     closes = [start] + [float(e) for _d, e in run.closes]
     daily = [b / a - 1.0 for a, b in itertools.pairwise(closes) if a > 0]
     trades = round_trips(run)
@@ -255,6 +256,7 @@ def score_run(run: Any, store: BarStore, options: Any, settings: Settings) -> Re
         equity=equity,
         trades=trades,
         errors=list(run.errors),
+        benchmark_label=bench_label,
     )
 
 

@@ -2,8 +2,9 @@
 
 Sources, asked in order until one answers:
 
-- ``JournalBars``: the journal's own stores: ``kline_cache`` (what the agent cached while trading) and, when a
-  replay database has it, the recorded-history table (``market_bars``);
+- ``JournalBars``: the journal's own stores: ``kline_cache`` (what the agent cached while trading) and the
+  recorded-history table (``market_bars``), of the journal reported on and, for a replay of recorded history,
+  of the live journal that holds that history;
 - ``SimBars``: the simulated exchange's bars, deterministic from its seed, for days traded on the sim broker.
   Shocks a test or demo applied to the paper account are included by reading a *copy* of its state file: the
   report never changes the paper account.
@@ -50,9 +51,16 @@ class JournalBars:
 
     name = "journal"
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, owns_connection: bool = False) -> None:
         self._conn = conn
+        self._owns = owns_connection  # closed with the source (the live journal's, read for a recorded replay)
+        found = conn.execute("SELECT to_regclass('kline_cache')").fetchone()
+        self._has_cache = found is not None and found[0] is not None  # a journal never migrated has neither table
         self._recorded = self._recorded_table()
+
+    def close(self) -> None:
+        if self._owns:
+            self._conn.close()
 
     def _recorded_table(self) -> tuple[str, str] | None:
         """(table, time column) of a recorded-history table, if this database has one."""
@@ -73,12 +81,14 @@ class JournalBars:
         return "market_bars", time_column
 
     def bars(self, symbol: str, timeframe: str, start: datetime, end: datetime) -> list[Bar]:
-        queries = [
-            psycopg.sql.SQL(
-                "SELECT bar_time, open, high, low, close, volume FROM kline_cache "
-                "WHERE symbol = %s AND timeframe = %s AND bar_time >= %s AND bar_time < %s ORDER BY bar_time"
+        queries = []
+        if self._has_cache:
+            queries.append(
+                psycopg.sql.SQL(
+                    "SELECT bar_time, open, high, low, close, volume FROM kline_cache "
+                    "WHERE symbol = %s AND timeframe = %s AND bar_time >= %s AND bar_time < %s ORDER BY bar_time"
+                )
             )
-        ]
         if self._recorded is not None:
             table, column = self._recorded
             queries.append(

@@ -1,7 +1,8 @@
 """``agent.py --report [PERIOD] [--out PATH]`` and ``agent.py --digest``: build the page, write it, mail it.
 
-The report reads the journal only (never the broker): the live journal, or for ``replay:RUN_ID`` the replay
-database on the same server (``catalyst_replay`` unless the settings name another). Its connection is read-only.
+The report reads the journal only (never the broker): the live journal, or for ``replay:RUN_ID`` the run's own
+schema (``replay_runs.schema_name``, ``run_<id>``) in the replay database on the same server (``replay.database``,
+``catalyst_replay`` by default). Its connection is read-only.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import structlog
 from markupsafe import Markup
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from config.errors import JournalError
@@ -31,7 +34,6 @@ from report.data import (
     ReportData,
     Scope,
     drawdowns,
-    has_cycles_of_run,
     load_report,
     parse_period,
     read_replay_run,
@@ -66,8 +68,7 @@ def journal_dsn(settings: Settings, secrets: Secrets) -> str:
 
 
 def replay_database(settings: Settings) -> str:
-    section = getattr(settings, "replay", None)  # the replay mode's settings section, once it exists
-    return str(getattr(section, "database", None) or DEFAULT_REPLAY_DATABASE)
+    return settings.replay.database or DEFAULT_REPLAY_DATABASE
 
 
 def _read_only(dsn: str) -> psycopg.Connection[Any]:
@@ -96,7 +97,9 @@ def open_live(settings: Settings, secrets: Secrets) -> psycopg.Connection[Any]:
 
 
 def open_replay(settings: Settings, secrets: Secrets, run_id: str) -> tuple[psycopg.Connection[Any], ReplayRun]:
-    """A read-only connection to the replay database and the run; ``PeriodError`` (exit 2) if either is missing."""
+    """A read-only connection to the replay run's own journal schema, and the run's register row.
+
+    ``PeriodError`` (exit 2) if the database, the run or its schema is missing."""
     dsn = journal_dsn(settings, secrets)
     name = replay_database(settings)
     with _read_only(dsn) as admin:
@@ -120,6 +123,14 @@ def open_replay(settings: Settings, secrets: Secrets, run_id: str) -> tuple[psyc
             raise PeriodError(f"--report replay:{run_id}: no replay run with that id in {name!r} ({known}).")
         if run.start is None or run.end is None:
             raise PeriodError(f"--report replay:{run_id}: the run has no from/to dates recorded; it cannot be shown.")
+        found = conn.execute("SELECT to_regnamespace(%s)", (run.schema or "",)).fetchone()
+        if not run.schema or found is None or found[0] is None:
+            raise PeriodError(
+                f"--report replay:{run_id}: the run's journal schema {run.schema or '(none recorded)'} is not in "
+                f"{name!r} (the run failed before it was set up, or the schema was dropped). Report on another run "
+                f"({', '.join(recent_replay_runs(conn))}) or replay those days again."
+            )
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(run.schema)))  # the run's tables only
     except BaseException:
         conn.close()
         raise
@@ -132,9 +143,11 @@ def build_charts(data: ReportData, bars: ChainBars) -> Charts:
     timeframe = "1m" if data.scope.start == data.scope.end else "1d"
     label, series = benchmark_series(bars, lo, hi, timeframe)
     result = Charts(bar_source=bars.name, benchmark_label=label)
-    if data.replay is not None and isinstance(data.replay.metrics.get("benchmark_return"), int | float):
-        result.benchmark_return = float(data.replay.metrics["benchmark_return"])
-        result.benchmark_label = result.benchmark_label or "as the replay run recorded it"
+    if data.replay is not None and data.replay.metric.get("benchmark_return") is not None:
+        result.benchmark_return = data.replay.metric["benchmark_return"]
+        recorded = str(data.replay.settings.get("benchmark_label") or "")
+        shown = f"; the chart shows {label}" if label and series else ""
+        result.benchmark_label = f"{recorded or 'the benchmark'} over the replayed days, as the replay scored it{shown}"
     elif series:
         result.benchmark_return = series[-1][1]
     base = data.headline.starting_equity
@@ -158,13 +171,15 @@ def build_charts(data: ReportData, bars: ChainBars) -> Charts:
     return result
 
 
-def _bar_sources(conn: psycopg.Connection[Any], data: ReportData, settings: Settings) -> ChainBars:
+def _bar_sources(conn: psycopg.Connection[Any], data: ReportData, settings: Settings, secrets: Secrets) -> ChainBars:
     sources: list[Any] = [JournalBars(conn)]
     sim = settings.broker.sim
     if data.replay is not None:
         if data.replay.feed == "synthetic":
             seed = data.replay.settings.get("seed", sim.seed)
             sources.append(SimBars(int(seed) if isinstance(seed, int) else sim.seed))
+        else:  # recorded history lives in the live journal's market_bars: read it read-only
+            sources.append(JournalBars(_read_only(journal_dsn(settings, secrets)), owns_connection=True))
     elif any(c.broker == "sim" for c in data.cycles):
         sources.append(SimBars(sim.seed, settings.resolve(sim.state_file)))
     return ChainBars(sources)
@@ -174,28 +189,25 @@ def build_report(period: Period, settings: Settings, secrets: Secrets, now: date
     """Read the journal (live or replay) and compute the page's figures and charts."""
     replay: ReplayRun | None = None
     notes: list[str] = []
+    commission_pct, min_commission = settings.broker.commission
     if period.run_id is not None:
         conn, replay = open_replay(settings, secrets, period.run_id)
         assert replay.start is not None and replay.end is not None
-        tagged = has_cycles_of_run(conn, replay.id)
-        if not tagged:
-            notes.append(
-                f"The replay database's cycles are not tagged with run {replay.id}; everything journalled there for "
-                f"{replay.start}..{replay.end} is shown."
-            )
+        notes.extend(replay_notes(replay))
         period = Period(replay.start, replay.end, run_id=replay.id)
-        scope = Scope(replay.start, replay.end, cycle_run_id=replay.id if tagged else None)
+        scope = Scope(replay.start, replay.end)
+        sim = settings.broker.sim  # the replay broker charges the simulator's commission, whatever broker is live
+        commission_pct, min_commission = Decimal(str(sim.commission_pct)), sim.min_commission_hkd
     else:
         conn = open_live(settings, secrets)
         assert period.start is not None and period.end is not None
         scope = Scope(period.start, period.end)
     bars: ChainBars | None = None
     try:
-        commission_pct, min_commission = settings.broker.commission
         data = load_report(conn, period, scope, commission_pct=commission_pct, min_commission=min_commission,
                            now=now, replay=replay)  # fmt: skip
         data.notes.extend(notes)
-        bars = _bar_sources(conn, data, settings)
+        bars = _bar_sources(conn, data, settings, secrets)
         return data, build_charts(data, bars)
     except psycopg.Error as exc:
         raise JournalError(f"Could not read the journal for the report of {period.label}: {exc}") from exc
@@ -203,6 +215,27 @@ def build_report(period: Period, settings: Settings, secrets: Secrets, now: date
         if bars is not None:
             bars.close()
         conn.close()
+
+
+def replay_notes(run: ReplayRun) -> list[str]:
+    """What the page must say about how the run went and how its figures differ from the replay's own score."""
+    notes = []
+    if run.status == "running":
+        notes.append(f"Replay run {run.id} had not finished when this page was made (or it was killed): its days are "
+                     "shown as far as they were journalled.")  # fmt: skip
+    elif run.status == "error":
+        notes.append(f"Replay run {run.id} stopped on an error; the days it journalled are shown.")
+    elif run.status == "stopped":
+        why = run.settings.get("stopped")
+        notes.append(f"Replay run {run.id} was stopped early" + (f": {why}." if why else "."))
+    if run.metrics:
+        notes.append(
+            "The headline P&L is realized (closed round trips, net of fees) and its drawdown is that of the "
+            "closed-trade equity; the replay's own score marks open positions and the equity at every guard pass "
+            "(shown below as 'replay total return' and 'replay max drawdown'). Fill times are when the journal "
+            "learned of the fill (the next pass), the score's are the filling bar's start."
+        )
+    return notes
 
 
 def default_path(settings: Settings, period: Period) -> Path:

@@ -1,7 +1,8 @@
 """Every figure of the report, computed from the journal tables: SQL to read, pure Python to compute.
 
 Nothing here knows which database it reads: the functions take a psycopg connection, so the same code reads
-the live journal and a replay database (``catalyst_replay``). Times come back as aware datetimes and are shown
+the live journal and a replay run (its own schema ``run_<id>`` in the replay database ``catalyst_replay``, put
+first on the connection's search path by ``report.cli``). Times come back as aware datetimes and are shown
 in Hong Kong time; money stays ``Decimal``.
 
 Definitions (the page states them too):
@@ -122,11 +123,10 @@ def parse_period(text: str | None, today: date) -> Period:
 
 @dataclass(frozen=True)
 class Scope:
-    """The rows a report reads: trading dates ``start``..``end``; for a replay, optionally one run's cycles."""
+    """The rows a report reads: trading dates ``start``..``end`` (a replay run's journal is its own schema)."""
 
     start: date
     end: date
-    cycle_run_id: str | None = None
 
     @property
     def window(self) -> tuple[datetime, datetime]:
@@ -138,18 +138,13 @@ class Scope:
 
     def params(self) -> dict[str, Any]:
         lo, hi = self.window
-        return {"start": self.start, "end": self.end, "run": self.cycle_run_id, "lo": lo, "hi": hi}
+        return {"start": self.start, "end": self.end, "lo": lo, "hi": hi}
 
 
-# In a replay database with several runs, cycles are tagged with the run id (cycles.run_id); with no run id
-# every cycle of the dates counts.
-_CYCLES_IN_SCOPE = (
-    "SELECT id FROM cycles WHERE trading_date BETWEEN %(start)s AND %(end)s "
-    "AND (%(run)s::text IS NULL OR run_id = %(run)s)"
-)
+_CYCLES_IN_SCOPE = "SELECT id FROM cycles WHERE trading_date BETWEEN %(start)s AND %(end)s"
 
-# Tool calls and alerts are stamped by the database clock. A run with --now (the sim, replay) does not move that
-# clock, so a stamp outside its cycle's run time is replaced by the cycle's start.
+# Tool calls and alerts are stamped by the database clock. A run with --now (the sim) or a replay (its own clock)
+# does not move that clock, so a stamp outside its cycle's run time is replaced by the cycle's start.
 _STAMP = (
     "CASE WHEN c.id IS NULL OR {row}.created_at BETWEEN c.started_at - interval '1 minute' "
     "AND COALESCE(c.finished_at, c.started_at) + interval '10 minutes' THEN {row}.created_at ELSE c.started_at END"
@@ -270,6 +265,8 @@ class EquityPoint:
 
 @dataclass(frozen=True)
 class ReplayRun:
+    """A row of the replay database's ``replay_runs`` register (``replay.journal``)."""
+
     id: str
     start: date | None
     end: date | None
@@ -277,14 +274,23 @@ class ReplayRun:
     feed: str
     metrics: dict[str, Any]
     settings: dict[str, Any]
+    schema: str | None = None  # the run's own journal schema, run_<id>
+    status: str = ""  # running | ok | error | stopped
 
     @property
     def in_sample_for_model(self) -> bool | None:
+        """As the replay recorded it; None for a run that did not (or a rules run: no model to remember)."""
         for source in (self.metrics, self.settings):
             value = source.get("in_sample_for_model")
             if isinstance(value, bool):
                 return value
         return None
+
+    @property
+    def metric(self) -> dict[str, float | None]:
+        """The replay's own numeric score (``--json`` metrics), None where it did not record one."""
+        return {k: (float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None)
+                for k, v in self.metrics.items()}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -344,7 +350,6 @@ def read_fills(conn: psycopg.Connection[Any], scope: Scope) -> list[Fill]:
         "reason, COALESCE(filled_at, updated_at) AS at FROM orders "
         "WHERE filled_quantity > 0 AND avg_fill_price IS NOT NULL AND status <> 'dry_run' "
         "AND trading_date <= %(end)s "
-        "AND (%(run)s::text IS NULL OR cycle_id IN (SELECT id FROM cycles WHERE run_id = %(run)s)) "
         "ORDER BY COALESCE(filled_at, updated_at), id",
         scope.params(),
     )
@@ -446,7 +451,7 @@ def read_alerts(conn: psycopg.Connection[Any], scope: Scope) -> list[AlertLine]:
         # --now run does not move); alerts raised outside any cycle (scripts) by their time.
         f"SELECT a.*, {_STAMP.format(row='a')} AS at FROM alerts a LEFT JOIN cycles c ON c.id = a.cycle_id "
         f"WHERE a.cycle_id IN ({_CYCLES_IN_SCOPE}) "
-        "OR (a.cycle_id IS NULL AND %(run)s::text IS NULL AND a.created_at >= %(lo)s AND a.created_at < %(hi)s) "
+        "OR (a.cycle_id IS NULL AND a.created_at >= %(lo)s AND a.created_at < %(hi)s) "
         "ORDER BY COALESCE(c.started_at, a.created_at), a.id",
         scope.params(),
     )
@@ -503,30 +508,27 @@ def table_exists(conn: psycopg.Connection[Any], name: str) -> bool:
 
 
 def read_replay_run(conn: psycopg.Connection[Any], run_id: str) -> ReplayRun | None:
-    rows = _rows(conn, 'SELECT id::text AS id, "from", "to", brain, feed, settings, metrics FROM replay_runs '
-                 "WHERE id::text = %(id)s", {"id": run_id})  # fmt: skip
+    rows = _rows(conn, "SELECT id::text AS id, from_date, to_date, brain, feed, status, schema_name, settings, "
+                 "metrics FROM replay_runs WHERE id::text = %(id)s", {"id": run_id})  # fmt: skip
     if not rows:
         return None
     r = rows[0]
     return ReplayRun(
         id=r["id"],
-        start=_as_date(r["from"]),
-        end=_as_date(r["to"]),
+        start=_as_date(r["from_date"]),
+        end=_as_date(r["to_date"]),
         brain=str(r["brain"] or ""),
         feed=str(r["feed"] or ""),
         metrics=r["metrics"] if isinstance(r["metrics"], dict) else {},
         settings=r["settings"] if isinstance(r["settings"], dict) else {},
+        schema=r["schema_name"],
+        status=str(r["status"] or ""),
     )
 
 
 def recent_replay_runs(conn: psycopg.Connection[Any], limit: int = 5) -> list[str]:
     rows = _rows(conn, "SELECT id::text AS id FROM replay_runs ORDER BY started_at DESC LIMIT %(n)s", {"n": limit})
     return [r["id"] for r in rows]
-
-
-def has_cycles_of_run(conn: psycopg.Connection[Any], run_id: str) -> bool:
-    row = conn.execute("SELECT 1 FROM cycles WHERE run_id = %s LIMIT 1", (run_id,)).fetchone()
-    return row is not None
 
 
 def _as_date(value: Any) -> date | None:

@@ -102,6 +102,13 @@ def run_fetch(conn: Any, args: argparse.Namespace) -> int:
         # is kept, and once the cause is fixed the same command resumes.
         print(f"error: {exc} What was fetched is stored; run the same command again to resume.", file=sys.stderr)
         return 3
+    except BrokerRequestRefused as exc:  # OpenD refused one request outright (the futu client no longer retries it)
+        print(
+            f"error: {exc} What was fetched is stored; fix the cause (or leave that symbol out), then run the same "
+            "command again to resume.",
+            file=sys.stderr,
+        )
+        return 3
     finally:
         client.close()
     print(f"done: {len(result.fetched)} range(s), {result.bars} bars stored")

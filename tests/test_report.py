@@ -19,11 +19,14 @@ import pytest
 import yaml
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from psycopg.types.json import Jsonb
+from pydantic import SecretStr
 
 from brokers import hkex
 from brokers.sim import SimBroker
+from config.settings import Secrets, Settings
 from data.database import Journal
+from replay.clock import HKT
+from replay.journal import ReplayJournal
 from report.data import PeriodError, parse_period
 from tests.agent_runner import run_agent, sim_at
 from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
@@ -314,68 +317,82 @@ def test_an_unknown_replay_run_exits_2(project_env: dict[str, str], postgres_adm
     run = run_agent("--report", "replay:nope", "--out", str(out), "--now", at("17:00"), env=project_env)
     assert run.returncode == 2, run.output
     assert "no replay database 'catalyst_replay'" in run.stderr and "agent.py --replay" in run.stderr
-    with replay_database(postgres_admin_dsn) as dsn:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                'INSERT INTO replay_runs (id, started_at, "from", "to", brain, feed, settings, metrics) '
-                "VALUES ('run-1', now(), '2026-11-16', '2026-11-20', 'rules', 'synthetic', '{}', '{}')"
-            )
+    with replay_database(postgres_admin_dsn) as runs:
+        known = runs.create("rules", "synthetic")
         run = run_agent("--report", "replay:nope", "--out", str(out), "--now", at("17:00"), env=project_env)
+        assert run.returncode == 2, run.output
+        assert "no replay run with that id" in run.stderr and f"recent runs: {known.run_id}" in run.stderr
+        known.close()
+        with psycopg.connect(runs.dsn, autocommit=True) as conn:  # a run whose journal schema is gone
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(known.schema)))
+        run = run_agent("--report", f"replay:{known.run_id}", "--out", str(out), "--now", at("17:00"), env=project_env)
     assert run.returncode == 2, run.output
-    assert "no replay run with that id" in run.stderr and "run-1" in run.stderr
+    assert f"journal schema {known.schema} is not in 'catalyst_replay'" in run.stderr
     assert not out.exists()
 
 
 class replay_database:
-    """``catalyst_replay`` on the test server with the journal tables and ``replay_runs`` (DESIGN.md §7), dropped
-    on exit. The replay mode builds it in real runs; here it is made the way the contract describes it."""
+    """``catalyst_replay`` on the test server, dropped on exit; ``create`` registers a run the way the replay mode
+    does (``replay.journal.ReplayJournal``: a ``replay_runs`` row and the run's own journal schema)."""
 
     def __init__(self, admin_dsn: str) -> None:
         self.admin = admin_dsn
         self.dsn = make_conninfo(admin_dsn, dbname="catalyst_replay")
+        self.opened: list[ReplayJournal] = []
 
-    def __enter__(self) -> str:
+    def create(self, brain: str, feed: str, **config: Any) -> ReplayJournal:
+        settings, secrets = Settings(), Secrets(database_url=SecretStr(self.admin))
+        run = ReplayJournal.create(settings, secrets, first=date(2026, 11, 19), last=date(2026, 11, 20), brain=brain,
+                                   feed=feed, config=config)  # fmt: skip
+        self.opened.append(run)
+        return run
+
+    def __enter__(self) -> replay_database:
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute("DROP DATABASE IF EXISTS catalyst_replay WITH (FORCE)")
-            conn.execute("CREATE DATABASE catalyst_replay TEMPLATE template0")
-        with Journal.connect(self.dsn) as journal:
-            journal.migrate()
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(
-                'CREATE TABLE replay_runs (id text PRIMARY KEY, started_at timestamptz NOT NULL, "from" date, '
-                '"to" date, brain text, feed text, settings jsonb, metrics jsonb)'
-            )
-        return self.dsn
+        return self
 
     def __exit__(self, *exc: object) -> None:
+        for run in self.opened:
+            run.close()
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier("catalyst_replay")))
 
 
-def test_a_replay_run_is_reported_from_the_replay_database(
+def replayed_cycle(run: ReplayJournal, hhmm: str, summary: str) -> int:
+    cycle = run.journal.start_cycle(
+        run_id=f"p000001-replay{run.run_id}", mode="trade", broker="replay", brain="claude", model="m",
+        started_at=datetime.fromisoformat(at(hhmm)), trading_date=date(2026, 11, 20),
+    )  # fmt: skip
+    run.journal.record_decision(cycle, "buy HK.00005", "replayed decision", 0.5)
+    run.journal.finish_cycle(cycle, status="ok", finished_at=datetime.fromisoformat(at(hhmm)), summary=summary)
+    return cycle
+
+
+def test_a_replay_run_is_reported_from_its_own_schema(
     project_env: dict[str, str], postgres_admin_dsn: str, tmp_path: Path
 ) -> None:
-    with replay_database(postgres_admin_dsn) as dsn:
-        with Journal.connect(dsn) as replay:
-            cycle = replay.start_cycle(
-                run_id="run-7", mode="trade", broker="replay", brain="rules", model="rules-v1",
-                started_at=datetime.fromisoformat(at("10:15")), trading_date=date(2026, 11, 20),
-            )  # fmt: skip
-            replay.record_decision(cycle, "buy HK.00005", "replayed decision", 0.5)
-            replay.finish_cycle(cycle, status="ok", finished_at=datetime.fromisoformat(at("10:16")), summary="replayed")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                'INSERT INTO replay_runs (id, started_at, "from", "to", brain, feed, settings, metrics) '
-                "VALUES ('run-7', now(), '2026-11-20', '2026-11-20', 'claude', 'recorded', %s, %s)",
-                (Jsonb({}), Jsonb({"benchmark_return": 0.0123, "in_sample_for_model": True})),
-            )
-        html = report(project_env, tmp_path / "replay.html", "replay:run-7")
+    with replay_database(postgres_admin_dsn) as runs:
+        first = runs.create("claude", "recorded", in_sample_for_model=True)
+        other = runs.create("rules", "synthetic", in_sample_for_model=False)  # the same days, another run
+        replayed_cycle(first, "10:15", "replayed")
+        replayed_cycle(other, "10:20", "the other run")
+        first.finish("ok", {"benchmark_return": 0.0123, "total_return": 0.0456, "max_drawdown": 0.0078},
+                     datetime.now(HKT), {"benchmark_label": "HK.02800 buy-and-hold"})  # fmt: skip
+        html = report(project_env, tmp_path / "replay.html", f"replay:{first.run_id}")
+        other_html = report(project_env, tmp_path / "other.html", f"replay:{other.run_id}")
     page = parse_page(html)
     assert page.figures["in_sample"] == "in-sample for the model"
     assert page.figures["benchmark_return"] == "1.2%"
-    (row,) = page.tables["cycles-table"][1:]
+    assert (page.figures["replay_total_return"], page.figures["replay_max_drawdown"]) == ("4.6%", "0.8%")
+    assert "HK.02800 buy-and-hold over the replayed days, as the replay scored it" in html
+    (row,) = page.tables["cycles-table"][1:]  # only this run's cycle, not the other run's of the same day
     assert row[-1] == "replayed"
-    assert "replay run run-7 (2026-11-20)" in html
+    assert f"replay run {first.run_id} (2026-11-19 to 2026-11-20)" in html
+    other_page = parse_page(other_html)
+    assert [r[-1] for r in other_page.tables["cycles-table"][1:]] == ["the other run"]
+    assert other_page.figures["in_sample"] == "not applicable (rules brain)"
+    assert "had not finished when this page was made" in other_html  # its register row still says running
 
 
 # ----------------------------------------------------------------------------------------------- digest
@@ -480,24 +497,3 @@ def test_out_goes_only_with_report_or_digest(project_env: dict[str, str], tmp_pa
     assert "--out only goes with --report or --digest" in run.stderr
     run = run_agent("--report", "--guard", env=project_env)
     assert run.returncode == 2 and "not allowed with argument" in run.stderr
-
-
-def test_a_replay_whose_cycles_are_not_tagged_shows_the_runs_dates_and_says_so(
-    project_env: dict[str, str], postgres_admin_dsn: str, tmp_path: Path
-) -> None:
-    with replay_database(postgres_admin_dsn) as dsn:
-        with Journal.connect(dsn) as replay:
-            replay.start_cycle(
-                run_id="a-cycle-id", mode="guard", broker="replay", brain="none", model=None,
-                started_at=datetime.fromisoformat(at("10:20")), trading_date=date(2026, 11, 20),
-            )  # fmt: skip
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                'INSERT INTO replay_runs (id, started_at, "from", "to", brain, feed, settings, metrics) '
-                "VALUES ('run-8', now(), '2026-11-19', '2026-11-20', 'rules', 'synthetic', '{}', '{}')"
-            )
-        html = report(project_env, tmp_path / "replay.html", "replay:run-8")
-    page = parse_page(html)
-    assert "not tagged with run run-8" in html and "2026-11-19..2026-11-20" in html
-    assert len(page.tables["cycles-table"]) == 2  # the header and the one cycle of those dates
-    assert page.figures["in_sample"] == "unknown (the run did not record it)"
