@@ -97,9 +97,7 @@ def run_fetch(conn: Any, args: argparse.Namespace) -> int:
         return exc.exit_code
     try:
         result = fetch(conn, client, symbols, args.first, args.last, timeframes, say=lambda t: print(t, flush=True))
-    except (BrokerTemporaryError, BrokerUnavailable, BrokerRequestRefused) as exc:
-        # A refusal (e.g. no quote right for one stock) stops the fetch as cleanly as an outage: what was fetched
-        # is kept, and once the cause is fixed the same command resumes.
+    except (BrokerTemporaryError, BrokerUnavailable) as exc:
         print(f"error: {exc} What was fetched is stored; run the same command again to resume.", file=sys.stderr)
         return 3
     except BrokerRequestRefused as exc:  # OpenD refused one request outright (the futu client no longer retries it)
