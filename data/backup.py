@@ -307,7 +307,13 @@ def run_backup(
     target = backup_folder(settings, folder)
     tools = pg_tools(settings)
     dsn = journal_dsn(settings, secrets)
-    result = dump_journal(dsn, target / backup_name(now, prefix), tools, settings.backup.timeout_s)
+    path = target / backup_name(now, prefix)
+    if prefix != BACKUP_PREFIX:  # a pre-restore dump is the only copy of what a restore replaced: never overwrite one
+        count = 2
+        while path.exists():
+            path = target / backup_name(now, prefix).replace(SUFFIX, f"-{count}{SUFFIX}")
+            count += 1
+    result = dump_journal(dsn, path, tools, settings.backup.timeout_s)
     deleted: list[Path] = []
     if prefix == BACKUP_PREFIX:
         deleted = apply_retention(target, settings.backup.keep_daily, settings.backup.keep_weekly)

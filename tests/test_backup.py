@@ -165,7 +165,10 @@ def test_restore_refuses_a_journal_with_data_and_with_force_keeps_a_dump_of_it_f
     assert set(journal.protective_stops()) == {"HK.00700"}  # the journal is the backup's again
     (saved,) = backups.glob("pre-restore-*.dump")
     assert f"saved to {saved}" in forced.stdout
-    assert script(RESTORE, str(saved), "--force", env=project_env).returncode == 0  # and what it replaced is back
+    # ... and what it replaced comes back; that restore keeps its own pre-restore dump beside the first one,
+    # never over it, even within the same second (the file being restored must not be overwritten).
+    assert script(RESTORE, str(saved), "--force", env=project_env).returncode == 0
+    assert saved.exists() and len(list(backups.glob("pre-restore-*.dump"))) == 2
     assert set(journal.protective_stops()) == {"HK.00700", "HK.00005"}
 
 
