@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="disable|enable ID",
         help="list the lessons the agent wrote about its own trades; 'disable ID' / 'enable ID' toggles one",
     )
-    parser.add_argument("--broker", choices=["futu", "sim"], help="override broker.name from the settings")
+    parser.add_argument("--broker", choices=["futu", "ibkr", "sim"], help="override broker.name from the settings")
     parser.add_argument("--brain", choices=["claude", "rules"], help="override agent.brain from the settings")
     parser.add_argument(
         "--config", metavar="PATH", help="settings file (default: $CATALYST_CONFIG or config/settings.yaml)"
@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--live",
         action="store_true",
-        help="confirm trading a REAL account (needs broker.futu.trd_env: REAL too; paper is the default)",
+        help="confirm trading a REAL account (needs broker.futu.trd_env: REAL or broker.ibkr.trading_mode: live "
+        "too; paper is the default)",
     )
     parser.add_argument(
         "-v",
@@ -176,17 +177,19 @@ def execute(args: argparse.Namespace, run: Run) -> int:
     mode = "guard" if args.guard else "dry_run" if args.dry_run else "check" if args.check else "trade"
     mode = "lessons" if args.lessons is not None else mode
     real = settings.broker.name == "futu" and settings.broker.futu.trd_env == "REAL"
+    real = real or (settings.broker.name == "ibkr" and settings.broker.ibkr.trading_mode == "live")
     structlog.contextvars.bind_contextvars(run_id=run.run_id[:12], mode="live" if real else "sim")
     log = structlog.get_logger("agent")
     if now_override is not None and real:
         raise ConfigError(
-            "--now is refused because this run could reach a REAL account (broker.futu.trd_env: REAL). "
-            "Use --broker sim or trd_env: SIMULATE to replay a time."
+            "--now is refused because this run could reach a REAL account (broker.futu.trd_env: REAL or "
+            "broker.ibkr.trading_mode: live). Use --broker sim or a paper account to replay a time."
         )
     if real and not args.live:
         raise ConfigError(
-            "broker.futu.trd_env is REAL but --live was not given. Real-money trading needs both; "
-            "run with --live to confirm, or set trd_env: SIMULATE for paper trading."
+            "The settings select a REAL account (broker.futu.trd_env: REAL or broker.ibkr.trading_mode: live) but "
+            "--live was not given. Real-money trading needs both; run with --live to confirm, or configure the "
+            "paper account."
         )
     secrets = Secrets.from_env()
     log.info(
@@ -291,6 +294,11 @@ def build_sources(settings: Any, secrets: Any, clock: Any, live: bool) -> tuple[
             min_commission=sim.min_commission_hkd,
         )
         return SimBroker(exchange, account_kind=sim.account_kind), exchange
+    if settings.broker.name == "ibkr":
+        from brokers.ibkr import IbkrClient
+
+        ibkr = IbkrClient(settings.broker.ibkr, live_confirmed=live, clock=clock)
+        return ibkr, ibkr
     from brokers.futu import FutuClient
 
     futu = settings.broker.futu
@@ -335,6 +343,8 @@ def open_and_run(
         log.info("market_closed", status=status.description, next_open=status.next_open.isoformat(timespec="minutes"))
         return EXIT_OK
     lock_key = f"{settings.broker.name}:{settings.broker.futu.trd_env if settings.broker.name == 'futu' else 'sim'}"
+    if settings.broker.name == "ibkr":
+        lock_key = f"ibkr:{settings.broker.ibkr.account or settings.broker.ibkr.trading_mode}"
     holder = acquire_account_lock(run.journal, lock_key, mode, run, settings.agent.lock_wait_s, log)
     if holder is not None:
         from config.errors import LockHeld
