@@ -406,3 +406,54 @@ def test_agent_dry_run_against_the_fake_gateway_end_to_end(ibkr_env: dict[str, s
     scan = [line for line in run.output.splitlines() if "tool=scan_market" in line]
     assert scan and "is_error=False" in scan[0], run.output
     assert {o.status for o in journal.orders_on(date(2026, 11, 20))} <= {OrderStatus.DRY_RUN}
+
+
+# ------------------------------------------------------------------------------------------------ ops files
+
+COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.ibgateway.yml"
+
+
+def test_the_ib_gateway_compose_file_publishes_on_loopback_only_and_takes_credentials_from_env() -> None:
+    import re
+
+    compose = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    gateway = compose["services"]["ibgateway"]
+    assert gateway["ports"] and all(str(p).startswith("127.0.0.1:") for p in gateway["ports"]), gateway["ports"]
+    assert gateway.get("network_mode") != "host"
+    for key in ("TWS_USERID", "TWS_PASSWORD"):
+        assert re.fullmatch(rf"\$\{{{key}:\?[^}}]*\}}", str(gateway["environment"][key])), key
+    assert "env_file" not in gateway and gateway["restart"] == "unless-stopped"
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", COMPOSE.read_text(encoding="utf-8")))
+    example = (COMPOSE.parent / ".env.example").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", example, re.MULTILINE))
+    assert used <= documented, used - documented
+
+
+def test_the_health_check_learns_broker_ibkr(
+    project_env: dict[str, str], exchange: SimExchange, sim: SimBroker, tmp_path: Path
+) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "health_check.sh"
+    env = project_env | {
+        "IB_HOST": "127.0.0.1",
+        "CATALYST_PYTHON": __import__("sys").executable,
+        "CATALYST_HEALTH_STATE_DIR": str(tmp_path / "state"),
+        "CATALYST_HEALTH_LOG": str(tmp_path / "health.log"),
+        "CATALYST_HEALTH_WAIT_S": "0",
+        "CATALYST_OPEND_RESTART_CMD": f"echo restart >> {tmp_path / 'restarts'}",
+        "CATALYST_MISSED_RUN_CMD": "true",
+        "CATALYST_DISK_CHECK_CMD": "echo 'enough free disk'",
+    }
+    with FakeIBGateway(exchange, sim) as fake:
+        done = subprocess.run(
+            [str(script), "--broker", "ibkr"], env=env | {"IB_PORT": str(fake.port)}, capture_output=True, text=True,
+            timeout=180, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"endpoint=127.0.0.1:{fake.port}" in done.stdout and "all checks passed" in done.stdout
+    assert "status=healthy" in done.stdout and not (tmp_path / "restarts").exists()
+    bad = subprocess.run(
+        [str(script), "--broker", "schwab"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert bad.returncode == 2 and "--broker must be futu or ibkr" in bad.stderr
