@@ -30,6 +30,9 @@ from data.database import Journal, OrderIntent
 from tests.agent_runner import IN_SESSION, run_agent
 from tests.fakes.ibgateway import FakeIBGateway
 
+# A failure inside the fake gateway's threads fails the test (it would otherwise only drop the connection).
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 HKT = ZoneInfo("Asia/Hong_Kong")
 START = datetime(2026, 11, 20, 10, 15, 20, tzinfo=HKT)  # a Friday, continuous morning session
 TENCENT = "HK.00700"  # lot 100
@@ -279,6 +282,44 @@ def test_closing_a_position_cancels_its_bracket_children_first(
     assert len(sells) == 1 and len(cancels) == 2
     assert max(cancels) < gateway.requests.index(sells[0])  # the children were cancelled before the sell
     assert client.open_orders() == []
+
+
+def test_a_partly_filled_bracket_entry_gets_a_stop_for_the_shares_held_in_the_take_profits_oca_group(
+    gateway: FakeIBGateway, client: IbkrClient, exchange: SimExchange, sim: SimBroker, clock: Clock, journal: Journal
+) -> None:
+    import agent
+
+    settings = agent_settings(gateway.port)
+    gate = gate_for(journal, client, clock, settings)
+    trade, entry, stop, _ = bracket_trade(exchange)
+    trade["quantity"] = 200
+    exchange.limit_next_fill(100)
+    assert gate.handle("check_risk", {**trade, "entry_price": float(entry)}).allowed
+    placed = gate.handle("execute_trade", {**trade, "limit_price": float(entry)})
+    assert not placed.is_error and placed.result["status"] == "partially_filled", placed.result
+    (row,) = [o for o in journal.orders_on(START.date()) if o.side is Side.BUY]
+    take_profit = gateway.order_by_ref(f"{row.client_order_id}-tp")
+    assert take_profit is not None and take_profit.status == "PreSubmitted"  # children wait for the parent
+
+    # The 100 shares held are protected now, by one stop that shares the take-profit's OCA group.
+    (resting,) = [o for o in sim.open_orders() if o.order_type is OrderType.STOP]
+    assert (resting.quantity, resting.aux_price) == (100, stop)
+    live = [o for o in gateway.orders.values() if o.order_type == "STP" and not o.is_done]
+    assert len(live) == 1 and live[0].oca_group == take_profit.oca_group
+
+    # The rest of the entry fills; the guard resizes the stop to the whole position.
+    parent = gateway.order_by_ref(row.client_order_id)
+    assert parent is not None
+    sim.cancel_order(parent.sim_id or "")
+    sim.place_order(
+        OrderRequest(client_order_id="rest", symbol=TENCENT, side=Side.BUY, quantity=100, order_type=OrderType.MARKET)
+    )
+    clock.now += timedelta(minutes=5)
+    guard_run = agent_run(journal, settings, "guard")
+    assert agent.run_guard(settings, guard_run, client, client, clock, structlog.get_logger("test")) == agent.EXIT_OK
+    (resting,) = [o for o in sim.open_orders() if o.order_type is OrderType.STOP]
+    assert (resting.quantity, resting.aux_price) == (200, stop)
+    assert journal.protective_stops()[TENCENT].broker_stop_order_id is not None
 
 
 # ------------------------------------------------------------------------------------------------ recovery

@@ -88,7 +88,7 @@ def encode(*fields: Any) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-@dataclass
+@dataclass(eq=False)  # identity: one object per order, usable in sets and dict keys
 class IbOrder:
     """An order as the fake gateway keeps it (IB's view: ids, family, OCA, status, fills)."""
 
