@@ -582,7 +582,9 @@ def record_day_baseline(ctx: Any, log: Any) -> None:
         log.info("day_baseline_recorded", equity=str(baseline), source=source)
 
 
-def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str | None) -> str:
+def build_first_message(
+    ctx: Any, status: Any, risk_mode: str, halt_reason: str | None, data_note: str | None = None
+) -> str:
     """The per-run context: everything that changes between runs goes here, never in the cached prefix."""
     import json
 
@@ -599,6 +601,7 @@ def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str 
         + (" (position cap halved)" if risk_mode == "warning" else "")
         + (f"; ENTRIES BLOCKED: {halt_reason}" if halt_reason else ""),
         f"Trades today: {trades_today} of {r.max_daily_trades}",
+        *([f"Market data: {data_note}"] if data_note else []),
         "Portfolio:",
         json.dumps(portfolio, separators=(",", ":"), default=str),
         "",
@@ -666,7 +669,8 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
         brain = RulesBrain(settings.risk, scan_limit=settings.agent.scan_limit)
     gate = ToolGate(ctx)
     log.info("brain_ready", brain=brain.name, model=brain.model)
-    first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason)
+    note = source.market_data_note() if hasattr(source, "market_data_note") else None  # IBKR: delayed data?
+    first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason, note)
     start_of_day = datetime.combine(today, datetime.min.time(), tzinfo=HKT)
     run.loop = LoopResult()
     cost_before_today = journal.cost_usd_since(start_of_day)

@@ -802,6 +802,21 @@ class IbkrClient:
             )
         return quotes
 
+    def market_data_note(self) -> str | None:
+        """For the cycle's context: whether IB sends real-time or delayed quotes (one snapshot to find out)."""
+        probe = self.settings.universe[0] if self.settings.universe else "HK.00700"
+        try:
+            quotes = self.snapshots([probe])
+        except AgentError as exc:
+            return f"could not tell whether IBKR quotes are real-time ({exc})"
+        if not quotes or not quotes[0].delayed:
+            return None
+        allowed = "allowed (broker.ibkr.allow_delayed_data)" if self.settings.allow_delayed_data else "refused"
+        return (
+            "IBKR is sending DELAYED quotes (about 15 minutes old; no real-time subscription). Quotes say "
+            f"delayed: true; new entries on them are {allowed}."
+        )
+
     def klines(self, symbol: str, timeframe: str, count: int) -> list[Bar]:
         """The last ``count`` bars up to now, oldest first (IB labels bars by their start, as ``Bar`` does)."""
         if timeframe not in BAR_SIZES:

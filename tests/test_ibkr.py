@@ -498,3 +498,34 @@ def test_the_health_check_learns_broker_ibkr(
         [str(script), "--broker", "schwab"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert bad.returncode == 2 and "--broker must be futu or ibkr" in bad.stderr
+
+
+def test_a_claude_cycle_on_delayed_data_is_told_so_and_cannot_enter(
+    ibkr_env: dict[str, str], journal: Journal, fake_api
+) -> None:
+    from tests.fakes.messages_api import message, text, tool_use
+
+    moment = datetime.fromisoformat(IN_SESSION)
+    exchange = SimExchange(seed=42, clock=lambda: moment, starting_cash=Decimal(1_000_000))
+    quote = exchange.quote(TENCENT)
+    entry = quote.ask_price or quote.last_price
+    stop = hkex.round_to_tick(entry * Decimal("0.97"), Side.BUY, moment.date())
+    target = hkex.round_to_tick(entry * Decimal("1.08"), Side.SELL, moment.date())
+    trade = {"symbol": "700", "side": "buy", "quantity": 100, "stop_loss": float(stop), "take_profit": float(target)}
+    fake_api.enqueue(
+        message([tool_use("get_quote", {"symbol": "700"}, id="q1")]),
+        message([tool_use("check_risk", {**trade, "entry_price": float(entry)}, id="c1")]),
+        message([text("Data is delayed; no entry.")]),
+    )
+    with FakeIBGateway(exchange, SimBroker(exchange, account_kind=AccountKind.REAL), delayed=True) as fake:
+        env = dict(ibkr_env, IB_HOST="127.0.0.1", IB_PORT=str(fake.port), **fake_api.env())
+        run = run_agent("--broker", "ibkr", "--brain", "claude", "--now", IN_SESSION, env=env)
+        assert run.returncode == 0, run.output
+        assert [f for f in fake.requests if f[0] == "3"] == []
+    context = fake_api.message_requests[0].body["messages"][0]["content"]
+    assert "Market data: IBKR is sending DELAYED quotes" in context and "entries on them are refused" in context
+    (quoted,) = fake_api.tool_results(1)
+    assert quoted.content["delayed"] is True
+    (checked,) = fake_api.tool_results(2)
+    assert checked.content["approved"] is False and "delayed" in str(checked.content)
+    assert journal.orders_on(date(2026, 11, 20)) == []
