@@ -87,10 +87,17 @@ def _check_ibkr(ibkr: Any, args: argparse.Namespace, check: Callable[..., Any], 
     """The same checks through IB Gateway. A live account is only connected to with trading_mode: live (the
     test never places an order either way)."""
     print(f"IB Gateway at {ibkr.host}:{ibkr.port}, trading_mode {ibkr.trading_mode}", flush=True)
+    if ibkr.client_id >= 2**31 - 1:
+        print("FAIL  settings   broker.ibkr.client_id must leave room for the connection test's id (+1)")
+        return 2
     from brokers.hkex import normalize_symbol
     from brokers.ibkr import IbkrClient
 
     holder: dict[str, IbkrClient] = {}
+
+    # Its own client id: IB refuses a second connection with the agent's id (code 326), and the health check runs
+    # this while a cycle may be connected.
+    ibkr = ibkr.model_copy(update={"client_id": ibkr.client_id + 1})
 
     def connect() -> str:
         holder["client"] = IbkrClient(ibkr, live_confirmed=ibkr.trading_mode == "live")

@@ -67,6 +67,8 @@ def test_every_check_passes_against_the_fake_ib_gateway(project_env: dict[str, s
     lines = [line for line in done.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
     assert [line.split()[1] for line in lines] == ["connect", "gateway", "accounts", "funds", "positions", "quote"]
     assert "DU1234567 paper" in done.stdout and "lot 100" in done.stdout and "DELAYED" in done.stdout
+    (start_api,) = [f for f in fake.requests if f[0] == "71"]
+    assert start_api[2] == "18"  # the agent's client id (17) + 1: it can run while a cycle is connected
 
 
 def test_a_dead_ib_gateway_fails_with_what_to_do(project_env: dict[str, str]) -> None:
