@@ -109,7 +109,7 @@ DELAYED_DATA_TYPES = frozenset({3, 4})  # delayed, delayed-frozen
 CONNECTIVITY_LOST = frozenset({1100, 2110})
 CONNECTIVITY_RESTORED = frozenset({1101, 1102})
 NOTICE_CODES = frozenset({10167, 10168, 399, 202})  # delayed data shown, order cancelled notice, order warnings
-TEMPORARY_CODES = frozenset({100, 162, 366, 420, 504, 1100, 2110, 10182})
+TEMPORARY_CODES = frozenset({100, 420, 504, 1100, 2110, 10182})  # + any "pacing violation" (162 ...)
 UNCERTAIN_ORDER_CODES = frozenset({504, 1100})
 OCA_REDUCE_WITH_BLOCK = 2
 
@@ -749,7 +749,7 @@ class IbkrClient:
             raise OrderRejected(
                 f"Could not cancel order {broker_order_id}: IBKR lists no such working order.", code="unknown_order"
             )
-        self._call(f"cancelOrder ({broker_order_id})", lambda: self._ib.cancelOrder(trade.order))
+        self._read(f"cancelOrder ({broker_order_id})", lambda: self._ib.cancelOrder(trade.order))
         deadline = time.monotonic() + self.settings.request_timeout_s
         while not trade.isDone() and time.monotonic() < deadline and self._ib.isConnected():
             self._ib.sleep(0.02)

@@ -529,3 +529,57 @@ def test_a_claude_cycle_on_delayed_data_is_told_so_and_cannot_enter(
     (checked,) = fake_api.tool_results(2)
     assert checked.content["approved"] is False and "delayed" in str(checked.content)
     assert journal.orders_on(date(2026, 11, 20)) == []
+
+
+# ------------------------------------------------------------------------------------------------ error table
+
+PACING = "Historical Market Data Service error message:API historical data query cancelled: pacing violation"
+
+
+@pytest.mark.parametrize(
+    ("msg_id", "code", "text", "call", "error", "attempts"),
+    [
+        # pacing: gets better by itself -> temporary, the read is retried (3 attempts), then raised
+        (20, 162, PACING, lambda c: c.klines(TENCENT, "1d", 5), BrokerTemporaryError, 3),
+        # no market data permission: asking again gives the same answer -> refused at once, one attempt
+        (20, 354, "Requested market data is not subscribed.", lambda c: c.klines(TENCENT, "1d", 5), "refused", 1),
+        # an unknown contract: a quote is left out, not an error (as with Futu)
+        (9, 200, "No security definition has been found for the request", lambda c: c.snapshots([TENCENT]), None, 1),
+    ],
+)
+def test_each_gateway_failure_becomes_our_error_type_and_only_temporary_reads_retry(
+    gateway: FakeIBGateway, client: IbkrClient, msg_id: int, code: int, text: str, call, error, attempts: int
+) -> None:
+    from config.errors import BrokerRequestRefused
+
+    if msg_id == 20:
+        client._contract(TENCENT)  # contract details first, so only the historical request fails
+    before = len([f for f in gateway.requests if f[0] == str(msg_id)])
+    gateway.fail_next_request(msg_id, code, text, times=attempts)
+    if error is None:
+        assert call(client) == []
+    else:
+        expected = BrokerRequestRefused if error == "refused" else error
+        with pytest.raises(expected, match=f"code {code}"):
+            call(client)
+    assert len([f for f in gateway.requests if f[0] == str(msg_id)]) - before == attempts
+
+
+def test_an_order_the_gateway_never_acknowledges_is_looked_up_once_and_never_resent(
+    exchange: SimExchange, sim: SimBroker, clock: Clock
+) -> None:
+    from config.errors import OrderStateUnknown
+
+    with (
+        FakeIBGateway(exchange, sim) as gateway,
+        IbkrClient(ibkr_settings(gateway.port, request_timeout_s=1), clock=clock, sleep=lambda s: None) as ib,
+    ):
+        price = ib.snapshots([TENCENT])[0].last_price
+        gateway.swallow_next_order()
+        request = OrderRequest(
+            client_order_id="CI-hang", symbol=TENCENT, side=Side.BUY, quantity=100, limit_price=price
+        )
+        with pytest.raises(OrderStateUnknown, match="no order with orderRef CI-hang is listed yet"):
+            ib.place_order(request)
+        assert len([f for f in gateway.requests if f[0] == "3"]) == 1  # placement is never retried
+        assert any(f[0] == "99" for f in gateway.requests[-4:])  # it looked among completed orders too

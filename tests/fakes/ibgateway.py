@@ -174,6 +174,8 @@ class FakeIBGateway:
         self._exec_ids = itertools.count(1)
         self._next_valid_id = 1
         self._fail_next: tuple[int, str] | None = None
+        self._fail_requests: dict[int, list[tuple[int, str]]] = {}
+        self._swallow_orders = 0
         self._lock = threading.RLock()
         self._conns: list[socket.socket] = []
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -231,6 +233,15 @@ class FakeIBGateway:
     def fail_next_order(self, code: int, text: str) -> None:
         """Answer the next placeOrder with this error instead of accepting it."""
         self._fail_next = (code, text)
+
+    def fail_next_request(self, msg_id: int, code: int, text: str, times: int = 1) -> None:
+        """Answer the next ``times`` requests of message ``msg_id`` (20 historical data, 9 contract details ...)
+        with error ``code`` for their request id instead of data."""
+        self._fail_requests.setdefault(msg_id, []).extend([(code, text)] * times)
+
+    def swallow_next_order(self) -> None:
+        """Take the next placeOrder and never answer it (a gateway that hangs after receiving an order)."""
+        self._swallow_orders += 1
 
     def order_by_ref(self, order_ref: str) -> IbOrder | None:
         with self._lock:
@@ -294,6 +305,15 @@ class FakeIBGateway:
     def _handle(self, conn: socket.socket, fields: list[str]) -> None:
         msg_id = int(fields[0])
         send = conn.sendall
+        failures = self._fail_requests.get(msg_id)
+        if failures:
+            code, text = failures.pop(0)
+            req_id = fields[1] if msg_id == 20 else fields[2]
+            send(encode(4, 2, req_id, code, text, ""))
+            return
+        if msg_id == 3 and self._swallow_orders:
+            self._swallow_orders -= 1
+            return
         if msg_id == 71:  # startApi
             send(encode(9, 1, self._next_valid_id))
             send(encode(15, 1, ",".join(self.accounts)))
