@@ -25,6 +25,8 @@ IB specifics handled here:
 - Entries go out as a native bracket: the parent limit (``transmit=False``), the take-profit limit and the stop
   (``transmit=True``, sent last, so nothing works until the whole family has arrived). The children share an
   OCA group (``ocaType`` 2: a fill reduces the siblings, with overfill protection), so at most one of them sells.
+- Snapshots carry no volume ratio: it is computed from IB's average daily volume (generic tick 165, one short
+  streaming request per symbol per day) and the minutes of continuous trading elapsed.
 - Without a market data subscription IB sends delayed data (market data type 3, ticks 66-76): every quote says
   ``delayed=True``; ``safety`` refuses entries on it unless ``broker.ibkr.allow_delayed_data`` is set.
 - IB paper accounts (ids starting ``D``: ``DU…``) accept stop and bracket orders, so ``has_stop_orders`` is True
@@ -106,6 +108,8 @@ BAR_SIZES: dict[str, tuple[str, int]] = {  # ours -> (IB bar size, bars per HK t
     "1d": ("1 day", 1),
 }
 DELAYED_DATA_TYPES = frozenset({3, 4})  # delayed, delayed-frozen
+AVERAGE_VOLUME_TICKS = "165"  # generic tick list "Misc. Stats": tick 21, the average daily volume
+HK_CONTINUOUS_MINUTES = 330  # 09:30-12:00 and 13:00-16:00
 CONNECTIVITY_LOST = frozenset({1100, 2110})
 CONNECTIVITY_RESTORED = frozenset({1101, 1102})
 NOTICE_CODES = frozenset({10167, 10168, 399, 202})  # delayed data shown, order cancelled notice, order warnings
@@ -165,6 +169,27 @@ def _num(value: Any) -> Decimal | None:
     return Decimal(str(number))
 
 
+def continuous_minutes_elapsed(now: datetime) -> int:
+    """Minutes of continuous trading so far on a full HK trading day at ``now`` (0 before 09:30, 330 after 16:00)."""
+    t = now.astimezone(HKT)
+    minute = t.hour * 60 + t.minute
+    morning = min(max(minute - (9 * 60 + 30), 0), 150)
+    afternoon = min(max(minute - 13 * 60, 0), 180)
+    return morning + afternoon
+
+
+def volume_pace_ratio(volume: float, average_daily_volume: float, now: datetime) -> float | None:
+    """Today's volume per minute of continuous trading vs the average day's (Futu's "volume ratio" idea).
+
+    None before the first minute or without an average. On a half day the minutes are those of a full day's
+    clock, so the ratio errs low (never flatters a stock).
+    """
+    minutes = continuous_minutes_elapsed(now)
+    if minutes <= 0 or not average_daily_volume or average_daily_volume != average_daily_volume:
+        return None
+    return round(volume / minutes / (average_daily_volume / HK_CONTINUOUS_MINUTES), 2)
+
+
 def _describe(request: OrderRequest) -> str:
     text = f"{request.order_type.value} {request.side.value.upper()} {request.quantity} {request.symbol}"
     if request.limit_price is not None and request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
@@ -199,6 +224,7 @@ class IbkrClient:
         self._retry_attempts = max(1, retry_attempts)
         self._retry_wait_s = retry_wait_s
         self._contracts: dict[str, Any] = {}  # symbol -> (qualified Stock, ContractDetails)
+        self._average_volumes: dict[tuple[str, date], float] = {}  # (symbol, day) -> IB's average daily volume
         self._link_lost: int | None = None  # the 1100-family code while the gateway has no link to IBKR
         self._closed = False
         self.account_id = ""
@@ -772,6 +798,7 @@ class IbkrClient:
             f"reqTickers ({len(wanted)} symbols)", lambda: self._ib.reqTickers(*(c for _, c, _ in wanted))
         )
         by_con = {t.contract.conId: t for t in tickers}
+        averages = self._average_daily_volumes([(symbol, contract) for symbol, contract, _ in wanted])
         quotes = []
         for symbol, contract, details in wanted:
             ticker = by_con.get(contract.conId)
@@ -794,6 +821,7 @@ class IbkrClient:
                     bid_price=_num(ticker.bid),
                     ask_price=_num(ticker.ask),
                     volume=int(volume or 0),
+                    volume_ratio=volume_pace_ratio(volume or 0, averages.get(symbol, 0.0), self._clock()),
                     lot_size=self.lot_size(details),
                     is_equity=contract.secType == "STK",
                     delayed=ticker.marketDataType in DELAYED_DATA_TYPES,
@@ -801,6 +829,31 @@ class IbkrClient:
                 )
             )
         return quotes
+
+    def _average_daily_volumes(self, wanted: list[tuple[str, Any]]) -> dict[str, float]:
+        """IB's average daily volume per symbol (generic tick 165, tick 21), read once a day per symbol.
+
+        Snapshots cannot carry generic ticks, so this opens short streaming requests and cancels them as soon
+        as every average arrived (or after a few seconds: a symbol without one simply has no volume ratio).
+        """
+        today = self._clock().astimezone(HKT).date()
+        missing = [(s, c) for s, c in wanted if (s, today) not in self._average_volumes]
+        if missing:
+            self._ensure_connected()
+            tickers = [(s, self._ib.reqMktData(c, AVERAGE_VOLUME_TICKS, False, False)) for s, c in missing]
+            deadline = time.monotonic() + min(3.0, self.settings.request_timeout_s)
+            try:
+                while any(t.avVolume != t.avVolume for _, t in tickers) and time.monotonic() < deadline:
+                    self._ib.sleep(0.02)  # NaN until the tick arrives
+            finally:
+                for _, ticker in tickers:
+                    self._ib.cancelMktData(ticker.contract)
+            for symbol, ticker in tickers:
+                if ticker.avVolume == ticker.avVolume and ticker.avVolume > 0:
+                    self._average_volumes[(symbol, today)] = float(ticker.avVolume)
+                else:
+                    log.info("ibkr_average_volume_missing", symbol=symbol)
+        return {s: self._average_volumes[(s, today)] for s, _ in wanted if (s, today) in self._average_volumes}
 
     def market_data_note(self) -> str | None:
         """For the cycle's context: whether IB sends real-time or delayed quotes (one snapshot to find out)."""

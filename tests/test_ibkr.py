@@ -153,12 +153,14 @@ def test_connect_answers_every_startup_request_and_reads_the_paper_account(
 
 
 def test_quotes_carry_the_lot_size_from_the_contract_details_and_bars_their_start_time(
-    client: IbkrClient, exchange: SimExchange
+    gateway: FakeIBGateway, client: IbkrClient, exchange: SimExchange
 ) -> None:
     (quote,) = client.snapshots([TENCENT, "HK.89999"])  # a stock IB does not know is left out
     expected = exchange.quote(TENCENT)
     assert (quote.symbol, quote.lot_size, quote.last_price, quote.delayed) == (TENCENT, 100, expected.last_price, False)
     assert quote.prev_close == expected.prev_close
+    assert quote.volume_ratio is not None and quote.volume_ratio > 0  # from IB's average-volume tick (165/21)
+    assert [f for f in gateway.requests if f[0] == "1"][-1][16:18] == ["165", "0"]  # streaming, generic 165
     bars = client.klines(TENCENT, "5m", 4)
     assert [b.time for b in bars] == [b.time for b in exchange.klines(TENCENT, "5m", 4)]
     assert all(b.time.tzinfo is not None for b in bars)
@@ -442,11 +444,13 @@ def test_agent_dry_run_against_the_fake_gateway_end_to_end(ibkr_env: dict[str, s
         assert any(f[0] == "1" for f in fake.requests)  # it read quotes through the gateway
     (cycle,) = journal.cycles_on(date(2026, 11, 20))
     assert (cycle.status, cycle.broker, cycle.mode) == ("ok", "ibkr", "dry_run")
-    # The scan ranked broker.ibkr.universe through IB snapshots. IB quotes carry no volume ratio, which the
-    # rules brain's entry signal needs, so the rules brain enters nothing on IBKR (a known gap, see README).
+    # The scan ranked broker.ibkr.universe through IB snapshots (volume ratios from IB's average volume tick),
+    # and the rules fired: their entries are journalled as dry runs, never sent.
     scan = [line for line in run.output.splitlines() if "tool=scan_market" in line]
     assert scan and "is_error=False" in scan[0], run.output
-    assert {o.status for o in journal.orders_on(date(2026, 11, 20))} <= {OrderStatus.DRY_RUN}
+    orders = journal.orders_on(date(2026, 11, 20))
+    assert orders, run.output
+    assert {o.status for o in orders} == {OrderStatus.DRY_RUN}
 
 
 # ------------------------------------------------------------------------------------------------ ops files
@@ -583,3 +587,31 @@ def test_an_order_the_gateway_never_acknowledges_is_looked_up_once_and_never_res
             ib.place_order(request)
         assert len([f for f in gateway.requests if f[0] == "3"]) == 1  # placement is never retried
         assert any(f[0] == "99" for f in gateway.requests[-4:])  # it looked among completed orders too
+
+
+@pytest.mark.parametrize(
+    ("clock_time", "minutes"),
+    [
+        ("09:15", 0),  # pre-open auction: no continuous trading yet
+        ("09:30", 0),
+        ("10:15", 45),
+        ("12:30", 150),  # lunch: the whole morning, nothing more
+        ("13:30", 180),
+        ("16:05", 330),  # closing auction: the full day
+    ],
+)
+def test_continuous_minutes_elapsed(clock_time: str, minutes: int) -> None:
+    from brokers.ibkr import continuous_minutes_elapsed
+
+    hour, minute = map(int, clock_time.split(":"))
+    assert continuous_minutes_elapsed(START.replace(hour=hour, minute=minute)) == minutes
+
+
+def test_volume_pace_ratio_compares_volume_per_minute_with_the_average_day() -> None:
+    from brokers.ibkr import volume_pace_ratio
+
+    at_1015 = START.replace(hour=10, minute=15)  # 45 of 330 minutes
+    assert volume_pace_ratio(45_000, 330_000, at_1015) == 1.0  # on pace
+    assert volume_pace_ratio(90_000, 330_000, at_1015) == 2.0  # twice the usual pace
+    assert volume_pace_ratio(90_000, 0, at_1015) is None  # no average: no ratio
+    assert volume_pace_ratio(90_000, 330_000, START.replace(hour=9, minute=20)) is None  # before the open

@@ -443,6 +443,8 @@ class FakeIBGateway:
         if symbol is None:
             send(encode(4, 2, req_id, 200, "No security definition has been found for the request", ""))
             return
+        cursor.next()  # deltaNeutralContract present (False)
+        generic, snapshot = cursor.next(), cursor.next() in ("1", "True")
         quote = self.exchange.snapshots([symbol])[0]
         ticks = DELAYED_TICKS if self.delayed else LIVE_TICKS
         if self.delayed:
@@ -467,7 +469,12 @@ class FakeIBGateway:
                 size = 1000 if name in ("bid", "ask", "last") else 0
                 send(encode(1, 6, req_id, ticks[name], price, size, 0))
         send(encode(2, 6, req_id, ticks["volume"], quote.volume))
-        send(encode(57, 1, req_id))
+        if "165" in generic.split(","):  # Misc. Stats: tick 21, the average daily volume (IB: 90 days; here 20)
+            history = self.exchange.klines(symbol, "1d", 21)[:-1]
+            if history:
+                send(encode(2, 6, req_id, 21, sum(bar.volume for bar in history) // len(history)))
+        if snapshot:
+            send(encode(57, 1, req_id))  # a streaming request runs until cancelMktData
 
     def _historical(self, send: Any, fields: list[str]) -> None:
         cursor = _Fields(fields)
