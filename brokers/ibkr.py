@@ -110,6 +110,7 @@ BAR_SIZES: dict[str, tuple[str, int]] = {  # ours -> (IB bar size, bars per HK t
 DELAYED_DATA_TYPES = frozenset({3, 4})  # delayed, delayed-frozen
 AVERAGE_VOLUME_TICKS = "165"  # generic tick list "Misc. Stats": tick 21, the average daily volume
 HK_CONTINUOUS_MINUTES = 330  # 09:30-12:00 and 13:00-16:00
+STREAMING_BATCH = 50
 CONNECTIVITY_LOST = frozenset({1100, 2110})
 CONNECTIVITY_RESTORED = frozenset({1101, 1102})
 NOTICE_CODES = frozenset({10167, 10168, 399, 202})  # delayed data shown, order cancelled notice, order warnings
@@ -838,6 +839,11 @@ class IbkrClient:
         """
         today = self._clock().astimezone(HKT).date()
         missing = [(s, c) for s, c in wanted if (s, today) not in self._average_volumes]
+        for start in range(0, len(missing), STREAMING_BATCH):  # IB allows about 100 market data lines at once
+            self._read_average_volumes(missing[start : start + STREAMING_BATCH], today)
+        return {s: self._average_volumes[(s, today)] for s, _ in wanted if (s, today) in self._average_volumes}
+
+    def _read_average_volumes(self, missing: list[tuple[str, Any]], today: date) -> None:
         if missing:
             self._ensure_connected()
             tickers = [(s, self._ib.reqMktData(c, AVERAGE_VOLUME_TICKS, False, False)) for s, c in missing]
@@ -853,7 +859,6 @@ class IbkrClient:
                     self._average_volumes[(symbol, today)] = float(ticker.avVolume)
                 else:
                     log.info("ibkr_average_volume_missing", symbol=symbol)
-        return {s: self._average_volumes[(s, today)] for s, _ in wanted if (s, today) in self._average_volumes}
 
     def market_data_note(self) -> str | None:
         """For the cycle's context: whether IB sends real-time or delayed quotes (one snapshot to find out)."""
