@@ -19,7 +19,10 @@ above a plain order book the fake does itself:
 
 Knobs: ``silent`` (accept TCP, never answer the handshake), ``delayed`` (market data type 3 with the delayed
 tick types 66-76 and error 10167), ``vanish(perm_id)`` (an order disappears at the broker, as if cancelled in
-TWS), ``connectivity(code)`` (push 1100 / 1101 / 1102), ``fail_next_order(code, text)``.
+TWS), ``connectivity(code)`` (push 1100 / 1101 / 1102), ``fail_next_order(code, text)``,
+``fail_next_request(msg_id, code, text, times)`` (error replies to reads) and ``swallow_next_order()`` (a
+placeOrder that is never answered). Streaming requests with generic tick 165 get tick 21 (the average daily
+volume: the mean of the previous 20 daily bars; IB's is a 90-day mean).
 
 Every request is recorded as its field list in ``requests``.
 """
