@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the agent over past XHKG trading days (e.g. 2026-10-05..2026-10-30) with a replay clock, feed "
         "and broker, in its own database; prints the score (README 'Replay')",
     )
-    parser.add_argument("--broker", choices=["futu", "sim"], help="override broker.name from the settings")
+    parser.add_argument("--broker", choices=["futu", "ibkr", "sim"], help="override broker.name from the settings")
     parser.add_argument("--brain", choices=["claude", "rules"], help="override agent.brain from the settings")
     parser.add_argument(
         "--config", metavar="PATH", help="settings file (default: $CATALYST_CONFIG or config/settings.yaml)"
@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--live",
         action="store_true",
-        help="confirm trading a REAL account (needs broker.futu.trd_env: REAL too; paper is the default)",
+        help="confirm trading a REAL account (needs broker.futu.trd_env: REAL or broker.ibkr.trading_mode: live "
+        "too; paper is the default)",
     )
     replay = parser.add_argument_group("replay (with --replay)")
     replay.add_argument("--feed", choices=["recorded", "synthetic"], help="override replay.feed from the settings")
@@ -214,6 +215,7 @@ def execute(args: argparse.Namespace, run: Run) -> int:
     mode = "guard" if args.guard else "dry_run" if args.dry_run else "check" if args.check else "trade"
     mode = "lessons" if args.lessons is not None else mode
     real = settings.broker.name == "futu" and settings.broker.futu.trd_env == "REAL"
+    real = real or (settings.broker.name == "ibkr" and settings.broker.ibkr.trading_mode == "live")
     structlog.contextvars.bind_contextvars(run_id=run.run_id[:12], mode="live" if real else "sim")
     log = structlog.get_logger("agent")
     if args.report is not None or args.digest:  # reads the journal only: no broker, no account, no model
@@ -224,13 +226,14 @@ def execute(args: argparse.Namespace, run: Run) -> int:
         raise ConfigError("--out only goes with --report or --digest.")
     if now_override is not None and real:
         raise ConfigError(
-            "--now is refused because this run could reach a REAL account (broker.futu.trd_env: REAL). "
-            "Use --broker sim or trd_env: SIMULATE to replay a time."
+            "--now is refused because this run could reach a REAL account (broker.futu.trd_env: REAL or "
+            "broker.ibkr.trading_mode: live). Use --broker sim or a paper account to replay a time."
         )
     if real and not args.live:
         raise ConfigError(
-            "broker.futu.trd_env is REAL but --live was not given. Real-money trading needs both; "
-            "run with --live to confirm, or set trd_env: SIMULATE for paper trading."
+            "The settings select a REAL account (broker.futu.trd_env: REAL or broker.ibkr.trading_mode: live) but "
+            "--live was not given. Real-money trading needs both; run with --live to confirm, or configure the "
+            "paper account."
         )
     secrets = Secrets.from_env()
     log.info(
@@ -335,6 +338,11 @@ def build_sources(settings: Any, secrets: Any, clock: Any, live: bool) -> tuple[
             min_commission=sim.min_commission_hkd,
         )
         return SimBroker(exchange, account_kind=sim.account_kind), exchange
+    if settings.broker.name == "ibkr":
+        from brokers.ibkr import IbkrClient
+
+        ibkr = IbkrClient(settings.broker.ibkr, live_confirmed=live, clock=clock)
+        return ibkr, ibkr
     from brokers.futu import FutuClient
 
     futu = settings.broker.futu
@@ -374,6 +382,8 @@ def open_and_run(
         log.info("market_closed", status=status.description, next_open=status.next_open.isoformat(timespec="minutes"))
         return EXIT_OK
     lock_key = f"{settings.broker.name}:{settings.broker.futu.trd_env if settings.broker.name == 'futu' else 'sim'}"
+    if settings.broker.name == "ibkr":
+        lock_key = f"ibkr:{settings.broker.ibkr.account or settings.broker.ibkr.trading_mode}"
     holder = acquire_account_lock(run.journal, lock_key, mode, run, settings.agent.lock_wait_s, log)
     if holder is not None:
         from config.errors import LockHeld
@@ -626,7 +636,9 @@ def record_day_baseline(ctx: Any, log: Any) -> None:
         log.info("day_baseline_recorded", equity=str(baseline), source=source)
 
 
-def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str | None) -> str:
+def build_first_message(
+    ctx: Any, status: Any, risk_mode: str, halt_reason: str | None, data_note: str | None = None
+) -> str:
     """The per-run context: everything that changes between runs goes here, never in the cached prefix."""
     import json
 
@@ -643,6 +655,7 @@ def build_first_message(ctx: Any, status: Any, risk_mode: str, halt_reason: str 
         + (" (position cap halved)" if risk_mode == "warning" else "")
         + (f"; ENTRIES BLOCKED: {halt_reason}" if halt_reason else ""),
         f"Trades today: {trades_today} of {r.max_daily_trades}",
+        *([f"Market data: {data_note}"] if data_note else []),
         "Portfolio:",
         json.dumps(portfolio, separators=(",", ":"), default=str),
         "",
@@ -712,7 +725,8 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
         brain = RulesBrain(settings.risk, scan_limit=settings.agent.scan_limit)
     gate = ToolGate(ctx)
     log.info("brain_ready", brain=brain.name, model=brain.model)
-    first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason)
+    note = source.market_data_note() if hasattr(source, "market_data_note") else None  # IBKR: delayed data?
+    first_message = build_first_message(ctx, status, mode_now, ctx.halt_reason, note)
     start_of_day = datetime.combine(today, datetime.min.time(), tzinfo=HKT)
     run.loop = LoopResult()
     cost_before_today = journal.cost_usd_since(start_of_day)

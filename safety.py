@@ -92,6 +92,7 @@ class RiskState(_Frozen):
     alerts_this_cycle: int = 0
     commission_pct: Decimal = Decimal("0.0003")  # the broker's, for the cash check
     min_commission_hkd: Decimal = Decimal(3)
+    allow_delayed_data: bool = False  # broker.ibkr.allow_delayed_data: entries on a delayed quote are allowed
 
 
 class Verdict(_Frozen):
@@ -350,7 +351,7 @@ def rule_trading_hours(p: TradeProposal, s: RiskState, lim: RiskSettings) -> Rul
 
 
 def rule_symbol_tradable(p: TradeProposal, s: RiskState, lim: RiskSettings) -> RuleFailure | None:
-    """Rule 11: the symbol exists, is an HK equity and is not suspended."""
+    """Rule 11: the symbol exists, is an HK equity, is not suspended, and (for entries) is quoted in real time."""
     q = s.quote
     if q is None:
         return RuleFailure(rule="symbol", message=f"{p.symbol} is not a known HKEX security (no quote)")
@@ -362,6 +363,13 @@ def rule_symbol_tradable(p: TradeProposal, s: RiskState, lim: RiskSettings) -> R
         return RuleFailure(rule="symbol", message=f"{p.symbol} is suspended from trading")
     if q.last_price <= 0:
         return RuleFailure(rule="symbol", message=f"{p.symbol} has no valid last price ({q.last_price})")
+    if q.delayed and p.side == Side.BUY and not s.allow_delayed_data:
+        return RuleFailure(
+            rule="symbol",
+            message=f"the quote of {p.symbol} is delayed (no real-time market data subscription): the "
+            "limit-near-market check is meaningless on an old price, so no entry is allowed "
+            "(a human may set broker.ibkr.allow_delayed_data: true)",
+        )
     return None
 
 

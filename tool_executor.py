@@ -194,7 +194,13 @@ class ToolExecutor:
         )
         if side == Side.SELL:
             return order_result(sell_keeping_protection(self.ctx, request, reason=a.reason), verdict)
-        order = place_order_write_ahead(self.ctx, request, stop_loss=stop, take_profit=target, reason=a.reason)
+        # A broker with native brackets (IBKR) sends the entry with its stop and take-profit attached; the stop
+        # child is then the position's broker-side stop, which ensure_protection below finds and keeps.
+        bracket = getattr(self.ctx.broker, "place_bracket_order", None)
+        send = (lambda r: bracket(r, stop_loss=stop, take_profit=target)) if bracket is not None else None
+        order = place_order_write_ahead(
+            self.ctx, request, stop_loss=stop, take_profit=target, reason=a.reason, send=send
+        )
         # The stop a position lives under is recorded as soon as the entry is working (a dry run records
         # nothing: it must never touch the stops of the real account). The guard enforces it in paper; in a
         # REAL account the position's one broker-side stop is re-established for what is now held (an add-on
@@ -361,8 +367,11 @@ def _settle_unclear_order(ctx: CycleContext, request: OrderRequest, exc: Excepti
 
 
 def uses_broker_stops(ctx: CycleContext) -> bool:
-    """REAL accounts keep protective stops at the broker; paper accounts (and dry runs) cannot."""
-    return not ctx.dry_run and not ctx.view.is_paper() and hasattr(ctx.broker, "place_stop_order")
+    """REAL accounts keep protective stops at the broker; paper accounts (and dry runs) cannot, unless the
+    broker says its paper account has stop orders too (``has_stop_orders``: IBKR paper accounts do)."""
+    if ctx.dry_run or not hasattr(ctx.broker, "place_stop_order"):
+        return False
+    return not ctx.view.is_paper() or bool(getattr(ctx.broker, "has_stop_orders", False))
 
 
 # ------------------------------------------------------------------------------------- position protection
@@ -392,13 +401,33 @@ def live_stops(ctx: CycleContext, symbol: str) -> list[Order]:
     return [o for o in ctx.view.open_orders() if o.is_active and o.symbol == symbol and is_protective_stop(o)]
 
 
+def is_bracket_sell(order: Order) -> bool:
+    """A working sell in a one-cancels-all group (an IBKR bracket's take-profit or stop child)."""
+    return order.is_active and order.side == Side.SELL and bool(order.oca_group)
+
+
 def quantity_being_sold(orders: list[Order], symbol: str) -> int:
-    """Shares of ``symbol`` that working sells other than protective stops will sell."""
+    """Shares of ``symbol`` that working sells other than protective stops will sell.
+
+    A bracket's take-profit is not counted: it shares its OCA group with the position's stop, so the broker
+    lets only one of them sell (the stop joins that group when it is re-armed, see ``ensure_protection``).
+    """
     return sum(
         o.quantity - o.filled_quantity
         for o in orders
-        if o.is_active and o.symbol == symbol and o.side == Side.SELL and not is_protective_stop(o)
+        if o.is_active
+        and o.symbol == symbol
+        and o.side == Side.SELL
+        and not is_protective_stop(o)
+        and not is_bracket_sell(o)
     )
+
+
+def bracket_children_waiting(ctx: CycleContext, symbol: str) -> list[Order]:
+    """Bracket children of ``symbol`` whose parent entry still works: they protect shares yet to arrive."""
+    orders = ctx.view.open_orders()
+    working = {o.broker_order_id for o in orders if is_working_entry(o) and o.symbol == symbol}
+    return [o for o in orders if o.symbol == symbol and o.is_active and o.parent_order_id in working]
 
 
 def protected_quantity(position: Position, orders: list[Order], lot_size: int | None) -> int:
@@ -457,7 +486,8 @@ def release_broker_stops(ctx: CycleContext, symbol: str) -> None:
     """
     if ctx.dry_run:
         return
-    for order in live_stops(ctx, symbol):
+    siblings = [o for o in ctx.view.open_orders() if o.symbol == symbol and is_bracket_sell(o)]
+    for order in live_stops(ctx, symbol) + [o for o in siblings if not is_protective_stop(o)]:
         if not cancel_confirmed(ctx, order):
             raise OrderRejected(
                 f"Could not free {symbol} for a sell: the broker has not confirmed cancelling its stop order "
@@ -479,9 +509,11 @@ def ensure_protection(ctx: CycleContext, symbol: str) -> str:
     held = ctx.view.positions().get(symbol)
     stops = live_stops(ctx, symbol)
     row = journal.protective_stops().get(symbol)
+    waiting = {o.broker_order_id for o in bracket_children_waiting(ctx, symbol)}
     if held is None or held.quantity <= 0:
         for order in stops:  # nothing left to protect: a stop would only be rejected or sell nothing
-            cancel_confirmed(ctx, order)
+            if order.broker_order_id not in waiting:  # a bracket's stop waits for its entry to fill
+                cancel_confirmed(ctx, order)
         return "flat"
     if row is None:
         return "untracked"
@@ -525,6 +557,8 @@ def ensure_protection(ctx: CycleContext, symbol: str) -> str:
         _save_stop(ctx, row, quantity=held.quantity, stop_loss=trigger, broker_stop_order_id=None)
         log.warning("stop_already_hit", symbol=symbol, stop=str(trigger), last=str(last))
         return "through_stop"
+    # A bracket's take-profit still rests: the new stop joins its OCA group, so only one of the two can sell.
+    groups = sorted({o.oca_group for o in ctx.view.open_orders() if o.symbol == symbol and is_bracket_sell(o)})
     request = OrderRequest(
         client_order_id=ctx.new_client_order_id(),
         symbol=symbol,
@@ -532,6 +566,7 @@ def ensure_protection(ctx: CycleContext, symbol: str) -> str:
         quantity=wanted,
         order_type=OrderType.STOP,
         aux_price=trigger,
+        oca_group=groups[0] if groups else None,
     )
     try:
         order = place_order_write_ahead(
@@ -696,10 +731,11 @@ def portfolio_summary(ctx: CycleContext) -> dict[str, Any]:
 
 
 def _without_protective_stops(ctx: CycleContext) -> tuple[dict[str, Position], list[Order]]:
-    """Positions and open orders as the rules should see them in a REAL account: our own broker-side stop is
-    cancelled before any sell of its position, so its shares count as sellable and it is not "an open sell"."""
+    """Positions and open orders as the rules should see them in a REAL account: our own broker-side stop (and
+    a bracket's take-profit) is cancelled before any sell of its position, so its shares count as sellable and
+    it is not "an open sell"."""
     positions, orders = ctx.view.positions(), ctx.view.open_orders()
-    stop_ids = {o.broker_order_id for o in orders if o.is_active and is_protective_stop(o)}
+    stop_ids = {o.broker_order_id for o in orders if o.is_active and (is_protective_stop(o) or is_bracket_sell(o))}
     if not stop_ids:
         return positions, orders
     adjusted = dict(positions)
@@ -734,6 +770,7 @@ def risk_state(ctx: CycleContext, symbol: str | None) -> safety.RiskState:
         alerts_this_cycle=ctx.alerts_sent,
         commission_pct=commission_pct,
         min_commission_hkd=min_commission,
+        allow_delayed_data=ctx.settings.broker.ibkr.allow_delayed_data,
     )
 
 

@@ -85,6 +85,9 @@ class Quote(_Frozen):
     price_spread: Decimal | None = None  # the tick at the current price, as the broker reports it
     suspended: bool = False
     is_equity: bool = True
+    # True when the source sent delayed (not real-time) prices: IBKR without a market-data subscription sends
+    # 15-minute-old data. Entries are refused on it unless broker.ibkr.allow_delayed_data is set.
+    delayed: bool = False
     updated_at: datetime
 
 
@@ -135,6 +138,9 @@ class OrderRequest(_Frozen):
     order_type: OrderType = OrderType.LIMIT
     limit_price: Decimal | None = None
     aux_price: Decimal | None = None  # trigger price for STOP / STOP_LIMIT
+    # One-cancels-all group (IBKR): the order joins the group of a bracket's surviving children. Brokers
+    # without OCA orders (futu, sim) are never sent one: the executor only sets it next to a live OCA sibling.
+    oca_group: str | None = None
 
 
 class Order(_Frozen):
@@ -154,6 +160,10 @@ class Order(_Frozen):
     created_at: datetime
     updated_at: datetime
     message: str = ""  # broker's reason for a rejection or cancellation
+    # Native brackets (IBKR): the children (stop and take-profit) name their parent entry and share an OCA
+    # group, so at most one of them sells. Futu and the sim leave both None.
+    parent_order_id: str | None = None
+    oca_group: str | None = None
 
     @property
     def is_done(self) -> bool:
@@ -197,7 +207,7 @@ class MarketState(_Frozen):
 
 @runtime_checkable
 class Broker(Protocol):
-    """Trading account operations. Implementations: ``FutuClient``, ``SimBroker``, ``DryRunBroker``."""
+    """Trading account operations. Implementations: ``FutuClient``, ``IbkrClient``, ``SimBroker``, ``DryRunBroker``."""
 
     def account(self) -> Account: ...
 
@@ -222,7 +232,7 @@ class Broker(Protocol):
 
 @runtime_checkable
 class MarketData(Protocol):
-    """Read-only market data. Implementations: the Futu quote context and ``SimExchange``."""
+    """Read-only market data. Implementations: the Futu quote context, ``IbkrClient`` and ``SimExchange``."""
 
     def snapshots(self, symbols: list[str]) -> list[Quote]:
         """Quotes for many symbols in as few requests as the source allows. Unknown symbols are omitted."""

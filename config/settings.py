@@ -63,15 +63,45 @@ class SimSettings(_Section):
     account_kind: Literal["paper", "real"] = "paper"
 
 
+class IbkrSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 4002  # IB Gateway paper; 4001 is live
+    client_id: Annotated[int, Field(ge=0, le=2**31 - 1)] = 17
+    account: str = ""  # empty: the gateway's only account; required when it manages several
+    trading_mode: Literal["paper", "live"] = "paper"  # live also needs --live on the command line
+    allow_delayed_data: bool = False  # entries on delayed (15-minute-old) quotes; exits are always allowed
+    connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
+    request_timeout_s: Annotated[float, Field(gt=0, le=300)] = 15
+    commission_pct: Annotated[float, Field(ge=0, lt=0.01)] = 0.0008  # IBKR HK tiered, for cost previews
+    min_commission_hkd: Annotated[Decimal, Field(ge=0)] = Decimal(18)
+    # IB's API has no index membership lists: scan_market ranks these symbols for every index on IBKR.
+    universe: list[str] = []
+
+    @field_validator("universe")
+    @classmethod
+    def _symbols(cls, value: list[str]) -> list[str]:
+        from brokers.hkex import normalize_symbol
+
+        return list(dict.fromkeys(normalize_symbol(text) for text in value))
+
+    @field_validator("account")
+    @classmethod
+    def _account_id(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Z]{1,3}\d{3,12}", value):
+            raise ValueError(f"{value!r} is not an IBKR account id (like U1234567 or DU1234567)")
+        return value
+
+
 class BrokerSettings(_Section):
-    name: Literal["futu", "sim"] = "sim"
+    name: Literal["futu", "sim", "ibkr"] = "sim"
     futu: FutuSettings = FutuSettings()
     sim: SimSettings = SimSettings()
+    ibkr: IbkrSettings = IbkrSettings()
 
     @property
     def commission(self) -> tuple[Decimal, Decimal]:
         """(commission fraction, minimum HKD) of the broker in use."""
-        active = self.futu if self.name == "futu" else self.sim
+        active = {"futu": self.futu, "ibkr": self.ibkr}.get(self.name, self.sim)
         return Decimal(str(active.commission_pct)), active.min_commission_hkd
 
 

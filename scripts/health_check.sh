@@ -6,9 +6,9 @@ set -euo pipefail
 
 usage() {
 	cat <<'EOF'
-Usage: scripts/health_check.sh [--help]
+Usage: scripts/health_check.sh [--broker futu|ibkr] [--help]
 
-Checks the Futu OpenD gateway: the TCP port, then a real API call (the gateway's global state) within a
+Checks the broker gateway (Futu OpenD by default; IB Gateway with --broker ibkr): the TCP port, then a real API call (the gateway's global state) within a
 timeout. If either fails it restarts the container (no more than once per cooldown),
 waits, checks again and sends a high-priority alert (python -m data.alerts) if OpenD is still unhealthy.
 It then runs `agent.py --check`, which alerts (once per missed cycle) when a scheduled cycle did not run today,
@@ -22,6 +22,7 @@ disk), 2 bad usage or settings.
 
 Environment (all optional):
   OPEND_HOST, OPEND_PORT            gateway address (default 127.0.0.1:11111)
+  IB_HOST, IB_PORT                  with --broker ibkr: IB Gateway's address (default 127.0.0.1:4002)
   CATALYST_PYTHON                   interpreter (default: the checkout's .venv/bin/python, else python3)
   CATALYST_HEALTH_API_CMD           command for the API check, run with bash -c (default:
                                     scripts/test_connection.py --quick if it exists, else a futu-api call)
@@ -47,6 +48,16 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 PATH="${PATH:-/usr/bin:/bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export PATH
 
+BROKER="futu"
+if [[ "${1:-}" == "--broker" ]]; then
+	BROKER="${2:-}"
+	shift 2 || shift
+	if [[ "$BROKER" != "futu" && "$BROKER" != "ibkr" ]]; then
+		echo "health_check.sh: --broker must be futu or ibkr, not '$BROKER'" >&2
+		exit 2
+	fi
+fi
+
 case "${1:-}" in
 -h | --help)
 	usage
@@ -69,6 +80,16 @@ else
 fi
 OPEND_HOST="${OPEND_HOST:-127.0.0.1}"
 OPEND_PORT="${OPEND_PORT:-11111}"
+GATEWAY="OpenD gateway"
+COMPOSE_FILE="docker-compose.opend.yml"
+SERVICE="opend"
+if [[ "$BROKER" == "ibkr" ]]; then # the same checks against IB Gateway
+	OPEND_HOST="${IB_HOST:-127.0.0.1}"
+	OPEND_PORT="${IB_PORT:-4002}"
+	GATEWAY="IB Gateway"
+	COMPOSE_FILE="docker-compose.ibgateway.yml"
+	SERVICE="ibgateway"
+fi
 API_TIMEOUT_S="${CATALYST_HEALTH_API_TIMEOUT_S:-30}"
 TCP_TIMEOUT_S="${CATALYST_HEALTH_TCP_TIMEOUT_S:-5}"
 WAIT_S="${CATALYST_HEALTH_WAIT_S:-60}"
@@ -185,7 +206,8 @@ api_check() { # sets CHECK_DETAIL
 	if [[ -n "$API_CMD" ]]; then
 		output="$(timeout -k 5 "$API_TIMEOUT_S" bash -c "$API_CMD" 2>&1 9>&-)" || rc=$?
 	elif [[ -f "$REPO/scripts/test_connection.py" ]]; then
-		output="$(cd "$REPO" && timeout -k 5 "$API_TIMEOUT_S" "$PY" scripts/test_connection.py --quick 2>&1)" || rc=$?
+		output="$(cd "$REPO" && timeout -k 5 "$API_TIMEOUT_S" "$PY" scripts/test_connection.py --broker "$BROKER" \
+			--quick 2>&1)" || rc=$?
 	else
 		output="$(cd "$REPO" && timeout -k 5 "$API_TIMEOUT_S" "$PY" -c "$INLINE_API_CHECK" \
 			"$OPEND_HOST" "$OPEND_PORT" "$API_TIMEOUT_S" 2>&1)" || rc=$?
@@ -209,11 +231,11 @@ check_opend() { # 0 when healthy; sets CHECK_DETAIL either way
 }
 
 default_restart_cmd() {
-	local compose_file="$REPO/docker-compose.opend.yml"
+	local compose_file="$REPO/$COMPOSE_FILE"
 	if ! docker compose version >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1; then
-		printf 'docker-compose -f %q restart opend' "$compose_file"
+		printf 'docker-compose -f %q restart %s' "$compose_file" "$SERVICE"
 	else
-		printf 'docker compose -f %q restart opend' "$compose_file"
+		printf 'docker compose -f %q restart %s' "$compose_file" "$SERVICE"
 	fi
 }
 
@@ -285,15 +307,15 @@ else
 			else
 				restart_text="The restart command failed (exit $restart_rc): $(last_line "$restart_output")"
 			fi
-			send_alert "OpenD gateway down at ${OPEND_HOST}:${OPEND_PORT}" \
-				"The health check found OpenD unhealthy: ${first_failure}.
+			send_alert "${GATEWAY} down at ${OPEND_HOST}:${OPEND_PORT}" \
+				"The health check found ${GATEWAY} unhealthy: ${first_failure}.
 ${restart_text}
 Still unhealthy: ${CHECK_DETAIL}.
 
 Until it is back, trading cycles exit with code 3 (gateway unreachable) and send no orders, and the guard
-cannot enforce stops: check any open positions in the Futu/moomoo app.
-What to do: docker logs catalyst-opend --tail 50 (a login verification code may be needed), then
-docker compose -f ${REPO}/docker-compose.opend.yml up -d.
+cannot enforce stops: check any open positions in the broker's app.
+What to do: docker logs catalyst-${SERVICE} --tail 50 (a login or 2FA confirmation may be needed), then
+docker compose -f ${REPO}/${COMPOSE_FILE} up -d.
 Restarts that did not help so far: ${failures}; the next one is attempted in ${next_s} s." \
 				"health_check"
 		fi

@@ -53,3 +53,28 @@ def test_a_dead_gateway_fails_with_the_reason(project_env: dict[str, str]) -> No
     done = run_script(dict(project_env, OPEND_HOST="127.0.0.1", OPEND_PORT=str(port)), "--quick")
     assert done.returncode == 1
     assert "FAIL  connect" in done.stdout and "not reachable" in done.stdout
+
+
+def test_every_check_passes_against_the_fake_ib_gateway(project_env: dict[str, str]) -> None:
+    from brokers.sim import AccountKind
+    from tests.fakes.ibgateway import FakeIBGateway
+
+    now = datetime.fromisoformat(IN_SESSION)
+    exchange = SimExchange(seed=42, clock=lambda: now, state_file=None, starting_cash=Decimal(1_000_000))
+    with FakeIBGateway(exchange, SimBroker(exchange, account_kind=AccountKind.REAL), delayed=True) as fake:
+        done = run_script(dict(project_env, IB_HOST="127.0.0.1", IB_PORT=str(fake.port)), "--broker", "ibkr")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("OK", "FAIL"))]
+    assert [line.split()[1] for line in lines] == ["connect", "gateway", "accounts", "funds", "positions", "quote"]
+    assert "DU1234567 paper" in done.stdout and "lot 100" in done.stdout and "DELAYED" in done.stdout
+    (start_api,) = [f for f in fake.requests if f[0] == "71"]
+    assert start_api[2] == "18"  # the agent's client id (17) + 1: it can run while a cycle is connected
+
+
+def test_a_dead_ib_gateway_fails_with_what_to_do(project_env: dict[str, str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = run_script(dict(project_env, IB_HOST="127.0.0.1", IB_PORT=str(port)), "--broker", "ibkr", "--quick")
+    assert done.returncode == 1
+    assert "FAIL  connect" in done.stdout and "docker-compose.ibgateway.yml" in done.stdout

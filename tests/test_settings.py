@@ -41,7 +41,11 @@ def test_missing_env_without_default_names_the_key(tmp_path: Path) -> None:
     [
         ("risk:\n  max_position_pct: 1.5\n", r"risk.max_position_pct = 1.5: Input should be less than or equal to 1"),
         ("risk:\n  max_positons: 5\n", r"risk.max_positons: unknown setting"),  # a typo fails
-        ("broker:\n  name: ibkr\n", r"broker.name = 'ibkr': Input should be 'futu' or 'sim'"),
+        ("broker:\n  name: schwab\n", r"broker.name = 'schwab': Input should be 'futu', 'sim' or 'ibkr'"),
+        ("broker:\n  ibkr:\n    account: 1234\n", r"broker.ibkr.account = 1234: Input should be a valid string"),
+        ("broker:\n  ibkr:\n    account: X-1\n", r"'X-1' is not an IBKR account id"),
+        ("broker:\n  ibkr:\n    trading_mode: real\n", r"Input should be 'paper' or 'live'"),
+        ("broker:\n  ibkr:\n    universe: [US.AAPL]\n", r"trades Hong Kong stocks only"),
         ("broker:\n  futu:\n    trd_env: LIVE\n", r"broker.futu.trd_env = 'LIVE'"),
         ("risk:\n  max_daily_loss_pct: 0.01\n", r"risk.max_daily_loss_pct = 0.01: Value error, must be greater than"),
         ("claude:\n  model: claude-sonnet-4-5-20250514\n", r"never existed"),
