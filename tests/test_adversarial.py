@@ -134,6 +134,14 @@ def test_a_model_that_never_stops_is_stopped_by_the_budgets(
     assert len(fake_api.message_requests) == 1  # the loop did not go back to the model
     assert [a.event for a in journal.alerts_since(datetime(2026, 11, 1).astimezone())] == ["budget"]
 
+    # The next cycle the same day is stopped by a budget too (the one-call turns left in the queue run into
+    # the iteration budget), and does not alert again.
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", "2026-11-20T10:45:00+08:00", env=env)
+    assert run.returncode == 0, run.output
+    second = journal.cycles_on(date(2026, 11, 20))[-1]
+    assert second.id != cycle.id and "[stopped: budget: iteration budget reached" in (second.summary or "")
+    assert [a.event for a in journal.alerts_since(datetime(2026, 11, 1).astimezone())] == ["budget"]
+
 
 def test_iteration_budget_ends_the_loop_cleanly(
     project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, settings_file: Path
