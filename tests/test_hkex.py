@@ -376,6 +376,10 @@ def test_settlement_is_t_plus_2() -> None:
         (lambda: hkex.trading_costs(D(1), "x", D(0)), "Commission rate 'x' is not a number."),
         (lambda: hkex.trading_costs(D(1), D(0), "x"), "Minimum commission 'x' is not a number."),
         (lambda: hkex.to_decimal("inf", "Price"), "Price 'inf' is not a finite number."),
+        (lambda: hkex.to_decimal("x"), "value 'x' is not a number."),  # the default label
+        (lambda: hkex.round_to_tick(D("9995.5"), Side.SELL, NEW), "SELL price 9995.5 is outside the HKEX spread"),
+        (lambda: hkex.round_to_tick(D("0.005"), Side.BUY, NEW), "BUY price 0.005 is outside the HKEX spread"),
+        (lambda: hkex.round_to_tick(D("0.004"), Side.BUY, NEW, D("0.01")), "BUY price 0.004 rounds to 0.00, outside"),
     ],
 )
 def test_errors_name_what_was_wrong(call, message: str) -> None:
@@ -426,3 +430,9 @@ def test_cents_round_half_up_not_half_even() -> None:
 def test_nothing_traded_pays_no_stamp_duty() -> None:
     costs = hkex.trading_costs(D(0), D("0.0003"), D(3))
     assert (costs.stamp_duty, costs.commission, costs.total) == (D(0), D(0), D(0))
+
+
+def test_rounded_prices_carry_the_ticks_decimals() -> None:
+    # 0.01 is on the grid: a sell keeps it, shown with the 0.001 tick's three decimals like any price there.
+    assert str(hkex.round_to_tick(D("0.01"), Side.SELL, NEW)) == "0.010"
+    assert str(hkex.round_to_tick(D("312.3"), Side.BUY, NEW)) == "312.20"
