@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_NOW ?= 2026-11-20T10:15:00+08:00
 
-.PHONY: demo test lint format bench clean venv
+.PHONY: demo test lint format bench mutate clean venv
 
 venv: $(STAMP)
 
@@ -33,5 +33,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench.py --naive
 
+# Mutation testing of the safety code (long; not part of `make test` or CI). MUTATE_ARGS="--only safety.py".
+mutate: $(STAMP)
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache mutants
