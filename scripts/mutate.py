@@ -13,6 +13,7 @@ when set), so that each mutant does not start its own.
     python scripts/mutate.py --only brokers/hkex.py  # one file
     python scripts/mutate.py --report              # print the score of the last run again
     python scripts/mutate.py --clean               # forget earlier results (mutants/) first
+    python scripts/mutate.py --only safety.py --rerun  # after adding tests: only what survived last time
 
 The chosen mutants are always run again; mutants/ keeps the results of files not run this time for --report.
 A source file changed since the last run is copied and mutated afresh.
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(TARGETS), help="mutate only this file")
     parser.add_argument("--report", action="store_true", help="only print the score of the last run")
     parser.add_argument("--clean", action="store_true", help="delete mutants/ first (mutmut's copy and results)")
+    parser.add_argument(
+        "--rerun", action="store_true", help="run again only the mutants the last run did not kill (after new tests)"
+    )
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
     files = args.only or list(TARGETS)
@@ -155,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = {**os.environ, "DATABASE_URL": url}
         names = [glob for file in files for glob in TARGETS[file]]
+        if args.rerun:
+            names = [n for by_name in statuses(files).values() for n, st in by_name.items() if st not in KILLED]
+            if not names:
+                print("Nothing to run again: every chosen mutant was killed in the last run.")
+                return report(files)
         command = [str(mutmut), "run", "--max-children", str(args.max_children), *names]
         done = subprocess.run(command, cwd=ROOT, env=env, check=False)
     finally:
