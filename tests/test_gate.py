@@ -404,3 +404,72 @@ def _earlier_order(journal: Journal):
         client_order_id=f"earlier-{uuid.uuid4().hex[:8]}", cycle_id=None, symbol="HK.00005", side=Side.BUY,
         quantity=400, limit_price=Decimal("60"), status=OrderStatus.PENDING, trading_date=NOW.date(),
     )  # fmt: skip
+
+
+# ------------------------------------------------------------ close_position as the guard and close_all call it
+
+
+def test_a_closed_position_drops_its_stop_and_journals_why(journal: Journal, tmp_path: Path) -> None:
+    sim = sim_gate(journal, tmp_path)
+    trade = entry_of(sim.exchange)
+    assert sim.gate.handle("check_risk", check(trade)).allowed
+    assert sim.gate.handle("execute_trade", execute(trade)).allowed
+    assert TENCENT in journal.protective_stops()
+    closed = sim.gate.handle("close_position", {"symbol": "700", "reason": "target met early"})
+    assert closed.allowed and closed.result["status"] == "filled", closed.result
+    assert TENCENT not in journal.protective_stops()  # nothing left to protect
+    sell = next(o for o in journal.orders_on(NOW.date()) if o.side == "sell")
+    assert (sell.quantity, sell.reason) == (100, "target met early")
+
+
+def test_closing_in_a_real_account_cancels_the_broker_stop_first(journal: Journal, tmp_path: Path) -> None:
+    sim = sim_gate(journal, tmp_path, kind=AccountKind.REAL)
+    trade = entry_of(sim.exchange)
+    assert sim.gate.handle("check_risk", check(trade)).allowed
+    assert sim.gate.handle("execute_trade", execute(trade)).allowed
+    assert [o.order_type for o in sim.broker.open_orders()] == [OrderType.STOP]
+    closed = sim.gate.handle("close_position", {"symbol": "700", "reason": "done"})
+    assert closed.allowed and not closed.is_error and closed.result["status"] == "filled", closed.result
+    assert sim.broker.open_orders() == [] and sim.holding(TENCENT) == 0
+
+
+@pytest.mark.parametrize(
+    ("held", "in_open_sell", "message"),
+    [
+        (0, 0, "Could not close HK.00700: no sellable position. No order was sent."),  # nothing held
+        (100, 100, "Could not close HK.00700: no sellable position. No order was sent."),  # all being sold
+        (
+            1,
+            0,
+            "Could not close HK.00700: 1 shares are less than one board lot (100); odd lots trade only on the "
+            "odd-lot market. No order was sent.",
+        ),
+        (
+            50,
+            0,
+            "Could not close HK.00700: 50 shares are less than one board lot (100); odd lots trade only on the "
+            "odd-lot market. No order was sent.",
+        ),
+    ],
+)
+def test_close_position_without_a_whole_lot_to_sell_refuses_clearly(
+    journal: Journal, tmp_path: Path, held: int, in_open_sell: int, message: str
+) -> None:
+    """``close_position`` as the guard and ``close_all`` call it (no verdict in front): it refuses by itself."""
+    from config.errors import OrderRejected
+    from tool_executor import close_position
+
+    if held:
+        odd_lot_holding(tmp_path, held)
+    sim = sim_gate(journal, tmp_path)
+    if in_open_sell:
+        ask = sim.exchange.quote(TENCENT).ask_price
+        above = hkex.round_to_tick(ask * Decimal("1.05"), Side.SELL, NOW.date())
+        resting = OrderRequest(
+            client_order_id="resting", symbol=TENCENT, side=Side.SELL, quantity=in_open_sell, limit_price=above
+        )
+        assert sim.broker.place_order(resting).status is OrderStatus.SUBMITTED
+    with pytest.raises(OrderRejected) as info:
+        close_position(sim.gate.ctx, TENCENT, "guard: stop hit")
+    assert str(info.value) == message
+    assert journal.orders_on(NOW.date()) == []
