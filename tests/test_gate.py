@@ -473,3 +473,33 @@ def test_close_position_without_a_whole_lot_to_sell_refuses_clearly(
         close_position(sim.gate.ctx, TENCENT, "guard: stop hit")
     assert str(info.value) == message
     assert journal.orders_on(NOW.date()) == []
+
+
+def test_close_all_goes_on_when_a_held_stock_has_no_quote(journal: Journal) -> None:
+    """A feed that lost one held stock's quote: that close fails as a broker refusal (no order sent), and
+    ``close_all`` (as the daily-loss halt and the model call it) still closes the others."""
+    from tests.fakes.hostile_market import QuotelessMarket
+    from tool_executor import close_all
+
+    exchange = SimExchange(seed=42, clock=clock, starting_cash=Decimal(1_000_000))
+    broker = SimBroker(exchange)
+    for symbol, quantity in ((TENCENT, 200), ("HK.00005", 400)):
+        buy = OrderRequest(client_order_id=f"held-{symbol}", symbol=symbol, side=Side.BUY, quantity=quantity,
+                           order_type=OrderType.MARKET)  # fmt: skip
+        assert broker.place_order(buy).status is OrderStatus.FILLED
+    fake_time = FakeTime()
+    with FakeOpenD(QuotelessMarket(exchange, {TENCENT}), broker, clock=clock) as opend:
+        client = FutuClient(
+            FutuSettings(host="127.0.0.1", port=opend.port, connect_timeout_s=5, request_timeout_s=5),
+            clock=clock,
+            limiter=RateLimiter(monotonic=fake_time.monotonic, sleep=fake_time.sleep, margin_s=0),
+            sleep=fake_time.sleep,
+        )
+        try:
+            ctx = new_context(journal, Settings.model_validate({"broker": {"name": "futu"}}), client, client)
+            assert ctx.view.quote(TENCENT) is None
+            orders = close_all(ctx, "daily loss limit")
+        finally:
+            client.close()
+    assert [(o.symbol, o.quantity, o.status) for o in orders] == [("HK.00005", 400, OrderStatus.FILLED)]
+    assert [(p.symbol, p.quantity) for p in broker.positions()] == [(TENCENT, 200)]

@@ -45,3 +45,17 @@ class HostileMarket:
             url=f"https://hostile.example/{symbol}",
         )
         return [*items, injected] if since <= injected.published_at else items
+
+
+class QuotelessMarket:
+    """``SimExchange`` whose snapshots leave out some symbols (a feed that lost them); trading is unaffected."""
+
+    def __init__(self, exchange: SimExchange, missing: set[str]) -> None:
+        self.exchange = exchange
+        self.missing = missing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.exchange, name)
+
+    def snapshots(self, symbols: list[str]) -> list[Quote]:
+        return self.exchange.snapshots([s for s in symbols if s not in self.missing])
