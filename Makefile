@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_NOW ?= 2026-11-20T10:15:00+08:00
 
-.PHONY: demo test lint format bench replay clean venv
+.PHONY: demo test lint format bench replay mutate clean venv
 
 venv: $(STAMP)
 
@@ -37,5 +37,9 @@ bench: $(STAMP)
 replay: $(STAMP)
 	$(PY) agent.py --replay 2026-09-01..2026-09-29 --brain rules --feed synthetic --json var/replay/score.json
 
+# Mutation testing of the safety code (long; not part of `make test` or CI). MUTATE_ARGS="--only safety.py".
+mutate: $(STAMP)
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache mutants

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from brokers.sim import SimBroker
 from data.database import Journal
 from tests.agent_runner import IN_SESSION, run_agent, sim_at
 from tests.fakes.messages_api import FakeMessagesAPI, message, text, tool_use
@@ -95,8 +96,10 @@ def test_claude_loop_journals_every_call_with_its_verdict(
     assert stops["HK.00700"].stop_loss == stop and stops["HK.00700"].take_profit == target
 
     # The order really reached the simulated exchange (the state file is the exchange's book).
-    book = sim_at(IN_SESSION)
-    assert book.quote("HK.00700")  # the market itself is unchanged by reading it
+    broker = SimBroker(sim_at(IN_SESSION, settings_file.parent / "var" / "sim" / "state.json"))
+    (at_exchange,) = [o for o in broker.orders() if o.client_order_id == order.client_order_id]
+    assert (at_exchange.status, at_exchange.filled_quantity) == ("filled", 100)
+    assert [(p.symbol, p.quantity) for p in broker.positions()] == [("HK.00700", 100)]
 
 
 def test_model_api_failure_marks_the_cycle_error(

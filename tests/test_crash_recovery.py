@@ -141,9 +141,12 @@ def test_gateway_drops_the_connection_mid_cycle(
     (cycle,) = journal.cycles_on(TODAY)
     assert cycle.status == "ok"
     assert "futu_reconnecting" in run.output
-    # Whatever was ordered is at the exchange exactly once.
-    for row in journal.orders_on(TODAY):
+    # The cycle went on after the reconnect and ordered; whatever it ordered is at the exchange exactly once.
+    rows = journal.orders_on(TODAY)
+    assert rows, "the cycle should still have placed its orders after reconnecting"
+    for row in rows:
         assert len([o for o in SimBroker(exchange).orders() if o.client_order_id == row.client_order_id]) == 1
+    assert opend.count(TRD_PLACE_ORDER) == len(rows)
 
 
 def test_an_order_the_broker_never_saw_is_settled_the_next_day(

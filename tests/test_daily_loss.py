@@ -77,6 +77,15 @@ def test_loss_past_the_warning_halves_the_cap_and_alerts_once(
     events = [a.event for a in journal.alerts_since(datetime(2026, 11, 1).astimezone())]
     assert events.count("daily_loss_warning") == 1
 
+    # A later cycle the same day is still in warning mode, and does not alert again.
+    fake_api.enqueue(message([text("Still careful.")]))
+    run = run_agent("--broker", "sim", "--brain", "claude", "--now", "2026-11-20T11:15:00+08:00", env=env)
+    assert run.returncode == 0, run.output
+    context = fake_api.message_requests[-1].body["messages"][0]["content"]
+    assert "Risk mode: warning (position cap halved)" in context
+    events = [a.event for a in journal.alerts_since(datetime(2026, 11, 1).astimezone())]
+    assert events.count("daily_loss_warning") == 1
+
 
 def test_kill_switch_file_halts_without_a_model_call(
     project_env: dict[str, str], journal: Journal, fake_api: FakeMessagesAPI, tmp_path: Path

@@ -144,3 +144,27 @@ def test_a_dry_run_never_writes_stops_for_the_real_account(
     assert "positions_without_stop" in run.output
     assert journal.protective_stops() == {}  # neither adopted nor the dry-run entries' stops
     assert all(o.status == "dry_run" for o in journal.orders_on(date.fromisoformat(DAY)))
+
+
+def test_the_kill_switch_leaves_the_guard_enforcing_exits(
+    project_env: dict[str, str], journal: Journal, tmp_path: Path
+) -> None:
+    """HALT blocks entries; a position whose stop is hit is still closed by the guard (README, docs/safety.md)."""
+    state = tmp_path / "var" / "sim" / "state.json"
+    fill = buy(state, at("10:15"), "HK.00700", 200)
+    journal.upsert_protective_stop("HK.00700", quantity=200, entry_price=fill, stop_loss=fill * Decimal("0.97"),
+                                   take_profit=fill * Decimal("1.10"))  # fmt: skip
+    (tmp_path / "HALT").write_text("owner on holiday\n")
+    journal.set_flag("halt", "stopped by the owner", "owner")
+    broker_at(state, at("10:20")).exchange.apply_shock("HK.00700", -0.06)
+
+    guard(project_env, at("10:25"))  # exit 0: the guard is not halted by the kill switch
+    assert broker_at(state, at("10:25")).positions() == []
+    cycle = last_guard_cycle(journal)
+    assert cycle.status == "ok" and "stop loss" in (cycle.summary or ""), cycle.summary
+    (sell,) = [o for o in journal.orders_on(date.fromisoformat(DAY)) if o.side == "sell"]
+    assert (sell.quantity, sell.status) == (200, "filled")
+
+    # The kill switch was in force all along: a trading cycle at the same moment is halted.
+    run = run_agent("--broker", "sim", "--brain", "rules", "--now", at("10:25"), env=project_env)
+    assert run.returncode == 4 and "kill switch file" in run.output, run.output

@@ -356,3 +356,83 @@ def test_costs_reject_negative_inputs(gross: str, pct: str, minimum: str) -> Non
 
 def test_settlement_is_t_plus_2() -> None:
     assert hkex.SETTLEMENT_DAYS == 2
+
+
+# ------------------------------------------------------------------------------- edges the mutation run found
+# Each row below failed to be noticed by the tables above when one line of hkex.py was changed (see
+# docs/mutation.md). The messages are part of the contract: they name what was wrong.
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: hkex.normalize_symbol(700), "Symbol must be text, got 700 (int). Use '700'"),  # not a string
+        (lambda: hkex.tick_size("abc", NEW), "Price 'abc' is not a number."),  # not a number
+        (lambda: hkex.tick_size(D("0.001"), NEW), "Price 0.001 is outside the HKEX spread table"),  # too low
+        (lambda: hkex.round_to_tick("abc", Side.BUY, NEW), "Price 'abc' is not a number."),
+        (lambda: hkex.round_to_tick(D(10), Side.BUY, NEW, "x"), "Tick 'x' is not a number."),  # a bad snapshot
+        (lambda: hkex.is_on_tick(D(10), NEW, "x"), "Tick 'x' is not a number."),
+        (lambda: hkex.trading_costs("x", D(0), D(0)), "Gross value 'x' is not a number."),
+        (lambda: hkex.trading_costs(D(1), "x", D(0)), "Commission rate 'x' is not a number."),
+        (lambda: hkex.trading_costs(D(1), D(0), "x"), "Minimum commission 'x' is not a number."),
+        (lambda: hkex.to_decimal("inf", "Price"), "Price 'inf' is not a finite number."),
+        (lambda: hkex.to_decimal("x"), "value 'x' is not a number."),  # the default label
+        (lambda: hkex.round_to_tick(D("9995.5"), Side.SELL, NEW), "SELL price 9995.5 is outside the HKEX spread"),
+        (lambda: hkex.round_to_tick(D("0.005"), Side.BUY, NEW), "BUY price 0.005 is outside the HKEX spread"),
+        (lambda: hkex.round_to_tick(D("0.004"), Side.BUY, NEW, D("0.01")), "BUY price 0.004 rounds to 0.00, outside"),
+    ],
+)
+def test_errors_name_what_was_wrong(call, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("price", "tick", "expected"),
+    [
+        ("abc", None, False),  # not a number is not a valid price
+        ("10", "0", False),  # a zero tick from a bad snapshot validates nothing
+        ("10", "-0.01", False),  # nor does a negative one
+    ],
+)
+def test_is_on_tick_is_false_for_what_is_not_a_price(price: str, tick: str | None, expected: bool) -> None:
+    assert hkex.is_on_tick(price, NEW, D(tick) if tick else None) is expected
+
+
+def test_a_sell_at_the_5000_boundary_steps_up_into_the_last_band() -> None:
+    assert hkex.tick_size(D(5000), NEW, Side.SELL) == D(5)  # 5000 -> 5005, the 9995 band's tick
+    assert hkex.tick_size(D(9995), NEW, Side.SELL) == D(5)  # the table's end: no band above
+
+
+def test_a_whole_number_broker_tick_rounds_to_whole_dollars() -> None:
+    assert hkex.round_to_tick(D("1234.5"), Side.BUY, NEW, D(1)) == D(1234)
+    assert hkex.round_to_tick(D("1234.5"), Side.SELL, NEW, 1) == D(1235)
+
+
+@pytest.mark.parametrize(
+    ("quantity", "lot", "whole", "floored"),
+    [
+        (1, 1, True, 1),  # a one-share lot (some warrants and high-priced stocks) is a valid lot
+        (7, 1, True, 7),  # any count of one-share lots is whole
+    ],
+)
+def test_one_share_lots(quantity: int, lot: int, whole: bool, floored: int) -> None:
+    assert hkex.is_whole_lots(quantity, lot) is whole
+    assert hkex.floor_to_lots(quantity, lot) == floored
+
+
+def test_cents_round_half_up_not_half_even() -> None:
+    # 10,000 x 0.00125 % = 0.125: half up gives 0.13 (half even would give 0.12).
+    assert hkex.trading_costs(D(10_000), D("0.0000125"), D(0)).commission == D("0.13")
+
+
+def test_nothing_traded_pays_no_stamp_duty() -> None:
+    costs = hkex.trading_costs(D(0), D("0.0003"), D(3))
+    assert (costs.stamp_duty, costs.commission, costs.total) == (D(0), D(0), D(0))
+
+
+def test_rounded_prices_carry_the_ticks_decimals() -> None:
+    # 0.01 is on the grid: a sell keeps it, shown with the 0.001 tick's three decimals like any price there.
+    assert str(hkex.round_to_tick(D("0.01"), Side.SELL, NEW)) == "0.010"
+    assert str(hkex.round_to_tick(D("312.3"), Side.BUY, NEW)) == "312.20"

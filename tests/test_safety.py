@@ -895,3 +895,182 @@ def test_guard_checks_every_position_in_symbol_order() -> None:
     quotes = {"HK.00005": quote("60", symbol="HK.00005"), SYMBOL: quote("77")}
     exits = safety.guard_exits(positions, stops, quotes, market_status(MORNING), LIMITS)
     assert [s for s, _ in exits] == ["HK.00005", SYMBOL]
+
+
+# ------------------------------------------------------------------------------- edges the mutation run found
+# Each test below pins behaviour that a one-line change in safety.py could break without the tables above
+# noticing (docs/mutation.md).
+
+
+def guard_at(positions: dict[str, Position], stops: dict, quotes: dict, when: datetime = MORNING) -> list[str]:
+    return [
+        f"{symbol}: {reason}"
+        for symbol, reason in safety.guard_exits(positions, stops, quotes, market_status(when), LIMITS)
+    ]
+
+
+def test_guard_prefers_the_quote_to_the_positions_own_last_price() -> None:
+    # The position's last price (80) is stale; the fresh quote (77) is through the stop.
+    assert guard_at(holdings(position(last="80")), {SYMBOL: stop_row()}, {SYMBOL: quote("77")}) == [
+        f"{SYMBOL}: stop loss 78 hit (last 77)"
+    ]
+
+
+def test_guard_handles_penny_stocks() -> None:
+    # Prices below HK$1 are real prices: a 0.50 quote under a 0.55 stop is a stop hit.
+    positions = holdings(position(qty=20_000, cost="0.6", last="0.6"))
+    stops = {SYMBOL: stop_row(stop="0.55", target="0.8")}
+    assert guard_at(positions, stops, {SYMBOL: quote("0.5", spread="0.005")}) == [
+        f"{SYMBOL}: stop loss 0.55 hit (last 0.5)"
+    ]
+    # ... and with no quote at all, the position's own last price below the stop counts too.
+    low = holdings(position(qty=20_000, cost="0.6", last="0.52"))
+    assert guard_at(low, stops, {}) == [f"{SYMBOL}: stop loss 0.55 hit (last 0.52)"]
+
+
+def test_guard_checks_every_position_after_an_exit_or_an_empty_one() -> None:
+    positions = holdings(
+        position("HK.00001", qty=0, last="70"),  # nothing held (a closed position still listed): skipped
+        position("HK.00005", qty=400, last="50"),  # through its stop
+        position("HK.00011", qty=1, last="90"),  # a single share (after a bonus issue) is still a position
+        position(SYMBOL, qty=100, last="77"),  # through its stop
+    )
+    stops = {
+        "HK.00001": stop_row("HK.00001"),
+        "HK.00005": stop_row("HK.00005", stop="51", target="60"),
+        "HK.00011": stop_row("HK.00011", stop="70", target="88"),
+        SYMBOL: stop_row(),
+    }
+    assert guard_at(positions, stops, {}) == [
+        "HK.00005: stop loss 51 hit (last 50)",
+        "HK.00011: take profit 88 reached (last 90)",
+        f"{SYMBOL}: stop loss 78 hit (last 77)",
+    ]
+
+
+def test_guard_with_an_unknown_time_to_close_does_not_flatten() -> None:
+    status = market_status(datetime(2026, 3, 10, 15, 55, tzinfo=HKT)).model_copy(update={"minutes_to_close": None})
+    positions = holdings(position(last="83"))
+    assert safety.guard_exits(positions, {SYMBOL: stop_row()}, {}, status, LIMITS) == []
+
+
+def test_guard_time_stop_needs_a_cost() -> None:
+    before_lunch = datetime(2026, 3, 10, 11, 55, tzinfo=HKT)
+    # Shares that cost nothing (a bonus issue) have no "flat": no time stop, and no division by zero.
+    assert guard_at(holdings(position(cost="0", last="80")), {}, {}, before_lunch) == []
+    # A cheap stock's flat position (cost 0.60, last 0.601) is flat all the same.
+    cheap = holdings(position(qty=20_000, cost="0.6", last="0.601"))
+    assert guard_at(cheap, {}, {}, before_lunch) == [f"{SYMBOL}: time stop: flat (0.17% from cost 0.6) before lunch"]
+
+
+@pytest.mark.parametrize(
+    ("positions", "orders", "expected"),
+    [
+        ({}, [], 0),  # nothing held
+        (holdings(position(qty=0, sellable=0)), [], 0),  # a listed position with nothing in it
+        (holdings(position(qty=1)), [], 1),  # a single share
+        (holdings(position(qty=100)), [order(side=Side.SELL, qty=300)], 0),  # over-reserved: never negative
+        # a sell the broker still lists as working although fully filled reserves nothing more
+        (
+            holdings(position(qty=1000)),
+            [order(side=Side.SELL, qty=400, filled=400, status=OrderStatus.PARTIALLY_FILLED)],
+            1000,
+        ),
+    ],
+)
+def test_sellable_quantity_edges(positions: dict, orders: list, expected: int) -> None:
+    assert safety.sellable_quantity(state(positions=positions, open_orders=orders), SYMBOL) == expected
+
+
+def test_no_short_message_names_what_is_held() -> None:
+    verdict = safety.evaluate_trade(sell(qty=1100), state(positions=HELD), LIMITS)
+    assert verdict.failures[0].message == (
+        f"selling 1100 {SYMBOL} but only 1000 of 1000 held are sellable (open sell orders reserve the rest); "
+        "no short selling"
+    )
+
+
+def test_approval_of_a_sell_has_no_stop_and_of_nothing_priced_is_zero() -> None:
+    approval = safety.approval_from(sell(), state(positions=HELD))
+    assert (approval.stop_loss, approval.take_profit, approval.entry_price) == (D(0), None, D(80))
+    unpriced = safety.approval_from(buy(order_type="market"), state(quote=None))
+    assert unpriced.entry_price == D(0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected", "notes"),
+    [
+        ({"positions": HELD}, [], []),  # whole lots only: no note at all
+        (
+            {"positions": holdings(position(qty=1050))},
+            [],
+            [f"50 odd-lot share(s) of {SYMBOL} stay: they trade only on the odd-lot market"],
+        ),
+        (
+            {"positions": HELD, "open_orders": [order(side=Side.SELL, qty=400)]},
+            [],
+            ["400 share(s) are already in open sell orders"],
+        ),
+        ({"positions": holdings(position(qty=50))}, ["board_lot"], []),  # only an odd lot: no "stays" note
+        ({"positions": holdings(position(qty=0, sellable=0))}, ["no_position"], []),  # nothing in it
+        ({"positions": holdings(position(qty=1)), "quote": quote(lot=1)}, [], []),  # one share of a 1-share lot
+        (
+            {"positions": HELD, "open_orders": [order(side=Side.SELL, qty=1000)]},
+            ["no_short"],
+            ["1000 share(s) are already in open sell orders"],
+        ),  # everything already being sold
+        (
+            {"positions": holdings(position(qty=150)), "open_orders": [order(side=Side.SELL, qty=100)]},
+            ["board_lot"],
+            ["100 share(s) are already in open sell orders"],
+        ),  # the 50 left are an odd lot
+        ({"positions": holdings(position(qty=101)), "quote": None}, ["symbol"], []),  # no quote: lot unknown
+    ],
+)
+def test_close_position_notes_and_edges(overrides: dict, expected: list[str], notes: list[str]) -> None:
+    verdict = safety.evaluate_close(SYMBOL, state(**overrides), LIMITS)
+    assert_verdict(verdict, expected)
+    assert verdict.notes == notes
+
+
+def test_close_position_of_an_odd_remainder_names_it() -> None:
+    s = state(positions=holdings(position(qty=150)), open_orders=[order(side=Side.SELL, qty=100)])
+    verdict = safety.evaluate_close(SYMBOL, s, LIMITS)
+    assert verdict.failures[0].message.startswith("50 is not a whole number of 100-share lots")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"is_continuous": True, "now": datetime(2026, 3, 10, 12, 30, tzinfo=HKT)},  # a wrong status at lunch
+            "market is not in continuous trading at Tue 12:30 HKT (HKEX morning session); positions can be closed "
+            "from the next session",
+        ),
+        (
+            {"is_continuous": False, "market_description": ""},
+            "market is not in continuous trading at Tue 10:30 HKT (closed); positions can be closed from the next "
+            "session",
+        ),
+        (
+            {
+                "is_continuous": False,
+                "now": datetime(2026, 3, 10, 4, 30, tzinfo=ZoneInfo("UTC")),
+                "market_description": "lunch break",
+            },
+            "market is not in continuous trading at Tue 12:30 HKT (lunch break); positions can be closed from the "
+            "next session",
+        ),  # a UTC clock is shown in Hong Kong time
+    ],
+)
+def test_close_all_refusal_says_when_and_why(overrides: dict, message: str) -> None:
+    verdict = safety.evaluate_close_all(state(positions=HELD, **overrides), LIMITS)
+    assert not verdict.allowed and verdict.failures[0].message == message
+
+
+def test_guard_flattens_every_position_before_the_close() -> None:
+    positions = holdings(position("HK.00005", qty=400, last="50"), position(last="83"))
+    stops = {"HK.00005": stop_row("HK.00005", stop="45", target="60"), SYMBOL: stop_row()}
+    exits = guard_at(positions, stops, {}, datetime(2026, 3, 10, 15, 52, tzinfo=HKT))
+    assert [e.split(": ", 1)[1][:26] for e in exits] == ["flatten before the close ("] * 2
+    assert [e.split(":")[0] for e in exits] == ["HK.00005", SYMBOL]
