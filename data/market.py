@@ -1220,7 +1220,14 @@ class MarketService:
             quotes = self._source.snapshots(symbols)
         else:
             quotes = [quote for symbol in symbols for quote in self._source.snapshots([symbol])]
-        found = {quote.symbol: quote for quote in quotes}
+        # Names come from outside: every quote this service hands out carries a cleaned one (get_quote, scans,
+        # the risk state), not only the scan's rows.
+        found = {
+            quote.symbol: quote
+            if quote.name == _clean_name(quote.name)
+            else quote.model_copy(update={"name": _clean_name(quote.name)})
+            for quote in quotes
+        }
         if self._quote_ttl > timedelta(0):
             for symbol, quote in found.items():
                 self._quotes[symbol] = (now, quote)

@@ -194,7 +194,9 @@ def test_quote_names_reach_the_model_only_as_untrusted_data(futu_gate: ToolGate)
     outcome = futu_gate.handle("get_quote", {"symbol": "700"})
     assert outcome.allowed and not outcome.is_error, outcome.result
     assert "name" not in outcome.result
-    assert outcome.result["name_untrusted"] == HOSTILE_NAME  # the text itself, as data under an untrusted key
+    name = outcome.result["name_untrusted"]  # the text as data under an untrusted key, cleaned like a scan's
+    assert name.isprintable() and "\x1b" not in name and "\u202e" not in name and "\u200b" not in name
+    assert name.startswith("TENCENT [31m") and len(name) == 60 and HOSTILE_NAME.startswith("TENCENT")
     assert outcome.result["symbol"] == TENCENT
 
 
