@@ -436,3 +436,19 @@ def test_rounded_prices_carry_the_ticks_decimals() -> None:
     # 0.01 is on the grid: a sell keeps it, shown with the 0.001 tick's three decimals like any price there.
     assert str(hkex.round_to_tick(D("0.01"), Side.SELL, NEW)) == "0.010"
     assert str(hkex.round_to_tick(D("312.3"), Side.BUY, NEW)) == "312.20"
+
+
+@pytest.mark.parametrize(
+    ("side", "quantity", "price", "sign"),
+    [(Side.BUY, 100, Decimal("649.5"), -1), (Side.SELL, 400, Decimal("106.6"), 1), (Side.BUY, 3, Decimal("0.333"), -1)],
+)
+def test_order_preview_is_gross_in_cents_with_one_sides_costs_and_the_cash_it_moves(
+    side: Side, quantity: int, price: Decimal, sign: int
+) -> None:
+    preview = hkex.order_preview("HK.00700", side, quantity, price, Decimal("0.0003"), Decimal(3))
+    gross = (price * quantity).quantize(Decimal("0.01"))
+    costs = hkex.trading_costs(gross, Decimal("0.0003"), Decimal(3)).total
+    assert (preview.symbol, preview.side, preview.quantity, preview.price) == ("HK.00700", side, quantity, price)
+    assert preview.gross_value == gross and preview.costs == costs and costs > 0
+    # A buy takes the value plus its costs out of cash; a sell brings the value less its costs in.
+    assert preview.net_cash_change == sign * gross - costs
