@@ -142,6 +142,15 @@ class OrderRequest(_Frozen):
     # without OCA orders (futu, sim) are never sent one: the executor only sets it next to a live OCA sibling.
     oca_group: str | None = None
 
+    def describe(self) -> str:
+        """``limit BUY 500 HK.00700 @ 312.40`` (with `` (trigger …)`` for stops), for messages."""
+        text = f"{self.order_type.value} {self.side.value.upper()} {self.quantity} {self.symbol}"
+        if self.limit_price is not None and self.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
+            text += f" @ {self.limit_price}"
+        if self.aux_price is not None:
+            text += f" (trigger {self.aux_price})"
+        return text
+
 
 class Order(_Frozen):
     """An order as the broker knows it."""

@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import re
 import signal
-import socket
 import threading
 import time
 from collections import defaultdict, deque
@@ -52,7 +51,7 @@ import structlog
 from pydantic import SecretStr
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from brokers import hkex
+from brokers import gateway, hkex
 from brokers.base import (
     Account,
     Bar,
@@ -398,37 +397,14 @@ def _loggable(data: Any) -> Any:
     return data if isinstance(data, (str, int, float, bool, type(None), list, dict)) else repr(data)
 
 
-def _describe(request: OrderRequest) -> str:
-    """``limit BUY 500 HK.00700 @ 312.40`` for messages."""
-    text = f"{request.order_type.value} {request.side.value.upper()} {request.quantity} {request.symbol}"
-    if request.limit_price is not None and request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
-        text += f" @ {request.limit_price}"
-    if request.aux_price is not None:
-        text += f" (trigger {request.aux_price})"
-    return text
-
-
 _OPEND_HINT = (
     "Start it with `docker compose -f docker-compose.opend.yml up -d`, then run `python scripts/test_connection.py`."
 )
 
 
 def check_reachable(host: str, port: int, timeout_s: float) -> None:
-    """Raise ``BrokerUnavailable`` unless something accepts TCP connections at ``host:port`` within ``timeout_s``."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return
-    except TimeoutError as exc:
-        reason = f"no answer within {timeout_s:g} s"
-        cause: OSError = exc
-    except ConnectionRefusedError as exc:
-        reason = "connection refused"
-        cause = exc
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        cause = exc
-    message = f"OpenD is not reachable at {host}:{port} ({reason}). {_OPEND_HINT} No order was sent."
-    raise BrokerUnavailable(message) from cause
+    """Raise ``BrokerUnavailable`` unless OpenD accepts TCP connections at ``host:port`` within ``timeout_s``."""
+    gateway.check_reachable("OpenD", host, port, timeout_s, _OPEND_HINT)
 
 
 def import_futu() -> Any:
@@ -873,7 +849,7 @@ class FutuClient:
             quotes = self.snapshots([request.symbol])
             if not quotes:
                 raise OrderRejected(
-                    f"Could not preview {_describe(request)}: no quote for {request.symbol} (unknown symbol?).",
+                    f"Could not preview {request.describe()}: no quote for {request.symbol} (unknown symbol?).",
                     code="unknown_symbol",
                 )
             price = quotes[0].last_price
@@ -883,7 +859,7 @@ class FutuClient:
 
     def _check_order(self, request: OrderRequest) -> Quote:
         """Refuse, before anything is sent, an order OpenD would refuse: lots, ticks, types, paper limits."""
-        describe = f"Could not place {_describe(request)}"
+        describe = f"Could not place {request.describe()}"
         try:
             symbol = hkex.normalize_symbol(request.symbol)
         except ValueError as exc:
@@ -973,7 +949,7 @@ class FutuClient:
         -> ``OrderStateUnknown``.
         """
         quote = self._check_order(request)
-        describe = f"Could not place {_describe(request)}"
+        describe = f"Could not place {request.describe()}"
         futu = self._futu
         ctx = self._context("trade")  # reconnects first if needed: nothing has been sent yet
         price = request.limit_price if request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT) else None
@@ -989,7 +965,7 @@ class FutuClient:
             **self._trade_kwargs(),
         }
         log.info(
-            "order_sending", client_order_id=request.client_order_id, order=_describe(request), trd_env=self.trd_env
+            "order_sending", client_order_id=request.client_order_id, order=request.describe(), trd_env=self.trd_env
         )
         try:
             data = self._attempt(ctx, "place_order", "place_order", lambda: ctx.place_order(**kwargs))
@@ -1066,7 +1042,7 @@ class FutuClient:
         """A broker-side protective STOP / STOP_LIMIT (REAL accounts only; paper has no stop orders)."""
         if request.order_type not in (OrderType.STOP, OrderType.STOP_LIMIT):
             raise OrderRejected(
-                f"Could not place {_describe(request)} as a stop order: its type must be stop or stop_limit. "
+                f"Could not place {request.describe()} as a stop order: its type must be stop or stop_limit. "
                 "No order was sent.",
                 code="not_a_stop",
             )

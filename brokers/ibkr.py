@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import time
 from collections.abc import Callable
 from datetime import date, datetime
@@ -49,7 +48,7 @@ from zoneinfo import ZoneInfo
 import structlog
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from brokers import hkex
+from brokers import gateway, hkex
 from brokers.base import (
     Account,
     Bar,
@@ -130,19 +129,8 @@ _GATEWAY_HINT = (
 
 
 def check_reachable(host: str, port: int, timeout_s: float) -> None:
-    """Raise ``BrokerUnavailable`` unless something accepts TCP connections at ``host:port`` within ``timeout_s``."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return
-    except TimeoutError as exc:
-        reason, cause = f"no answer within {timeout_s:g} s", exc
-    except ConnectionRefusedError as exc:
-        reason, cause = "connection refused", exc
-    except OSError as exc:
-        reason, cause = exc.strerror or str(exc), exc
-    raise BrokerUnavailable(
-        f"IB Gateway is not reachable at {host}:{port} ({reason}). {_GATEWAY_HINT} No order was sent."
-    ) from cause
+    """Raise ``BrokerUnavailable`` unless IB Gateway accepts TCP connections at ``host:port`` within ``timeout_s``."""
+    gateway.check_reachable("IB Gateway", host, port, timeout_s, _GATEWAY_HINT)
 
 
 def ib_symbol(symbol: str) -> str:
@@ -189,15 +177,6 @@ def volume_pace_ratio(volume: float, average_daily_volume: float, now: datetime)
     if minutes <= 0 or not average_daily_volume or average_daily_volume != average_daily_volume:
         return None
     return round(volume / minutes / (average_daily_volume / HK_CONTINUOUS_MINUTES), 2)
-
-
-def _describe(request: OrderRequest) -> str:
-    text = f"{request.order_type.value} {request.side.value.upper()} {request.quantity} {request.symbol}"
-    if request.limit_price is not None and request.order_type in (OrderType.LIMIT, OrderType.STOP_LIMIT):
-        text += f" @ {request.limit_price}"
-    if request.aux_price is not None:
-        text += f" (trigger {request.aux_price})"
-    return text
 
 
 class IbkrClient:
@@ -603,7 +582,7 @@ class IbkrClient:
 
     def _check_order(self, request: OrderRequest) -> tuple[Any, int]:
         """Refuse, before anything is sent, what IB would refuse: lots, ticks, types. Returns (contract, lot)."""
-        describe = f"Could not place {_describe(request)}"
+        describe = f"Could not place {request.describe()}"
         try:
             symbol = hkex.normalize_symbol(request.symbol)
         except ValueError as exc:
@@ -676,9 +655,9 @@ class IbkrClient:
 
     def _send(self, contract: Any, orders: list[Any], request: OrderRequest) -> Order:
         """Send one order or a family (the last one transmits), wait (bounded) for IB's answer, map it."""
-        describe = f"Could not place {_describe(request)}"
+        describe = f"Could not place {request.describe()}"
         self._ensure_connected()  # reconnects first if needed: nothing has been sent yet
-        log.info("order_sending", client_order_id=request.client_order_id, order=_describe(request), orders=len(orders))
+        log.info("order_sending", client_order_id=request.client_order_id, order=request.describe(), orders=len(orders))
         try:
             trades = [self._ib.placeOrder(contract, order) for order in orders]
         except ConnectionError as exc:
@@ -732,7 +711,7 @@ class IbkrClient:
         """A broker-side protective STOP / STOP_LIMIT sell (joining ``request.oca_group`` when given)."""
         if request.order_type not in (OrderType.STOP, OrderType.STOP_LIMIT):
             raise OrderRejected(
-                f"Could not place {_describe(request)} as a stop order: its type must be stop or stop_limit. "
+                f"Could not place {request.describe()} as a stop order: its type must be stop or stop_limit. "
                 "No order was sent.",
                 code="not_a_stop",
             )
@@ -743,7 +722,7 @@ class IbkrClient:
         last (it transmits the family). Returns the parent; the children carry ``<client_order_id>-tp`` / ``-sl``.
         """
         contract, _ = self._check_order(request)
-        describe = f"Could not place {_describe(request)} with its bracket"
+        describe = f"Could not place {request.describe()} with its bracket"
         if request.side is not Side.BUY:
             raise OrderRejected(f"{describe}: brackets protect long entries only. No order was sent.", code="side")
         today = self._clock().astimezone(HKT).date()
