@@ -24,14 +24,8 @@ from pydantic import SecretStr
 
 from brokers import hkex
 from brokers.base import Broker, MarketData, MarketPhase, Order, OrderRequest, OrderStatus, OrderType, Side
-from brokers.futu import (
-    FUTU_LIMITS,
-    Failure,
-    FutuClient,
-    Limit,
-    RateLimiter,
-    classify_failure,
-)
+from brokers.futu import FUTU_LIMITS, FutuClient, Limit, RateLimiter
+from brokers.futu_failures import Failure, classify_failure
 from brokers.sim import SimBroker, SimExchange
 from config.errors import (
     BrokerRequestRefused,
