@@ -641,7 +641,7 @@ def cancel_working_entries(ctx: CycleContext, reason: str) -> list[str]:
         done.append(text if confirmed else f"{text}: cancel NOT confirmed")
         log.warning("entry_cancelled", order=text, confirmed=confirmed, reason=reason)
     if done:
-        for symbol in {o for o in ctx.journal.protective_stops()} - set(ctx.view.positions()):
+        for symbol in set(ctx.journal.protective_stops()) - set(ctx.view.positions()):
             if not any(is_working_entry(o) and o.symbol == symbol for o in ctx.view.open_orders()):
                 ctx.journal.delete_protective_stop(symbol)  # its entry will never fill now
     return done
