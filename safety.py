@@ -165,11 +165,9 @@ def position_cap_pct(state: RiskState, limits: RiskSettings) -> Decimal:
     return cap / 2 if risk_mode(state, limits) == "warning" else cap
 
 
-def _band(price: Decimal, ladder: tuple[hkex.SpreadBand, ...]) -> int:
-    for index, band in enumerate(ladder):
-        if price <= band.upper:
-            return index
-    return len(ladder) - 1
+def _band(price: Decimal, ladder: tuple[hkex.SpreadBand, ...]) -> int | None:
+    """The index of the spread-table band holding ``price``; None above the table (no valid price there)."""
+    return next((index for index, band in enumerate(ladder) if price <= band.upper), None)
 
 
 def _quote_tick(price: Decimal, state: RiskState) -> Decimal | None:
@@ -178,15 +176,16 @@ def _quote_tick(price: Decimal, state: RiskState) -> Decimal | None:
     It applies only inside the spread-table band of the last price: the broker reports the tick *at the
     market*, and a stop or target 10 % away may sit in another band (49.56 on a 0.05 tick would be 49.55,
     which is not a valid 0.02-band price). A last price exactly on a band boundary is ambiguous (the tick
-    above or below?), so the table is used there too. Minimum-spread reductions only make the grid finer,
-    so a price on the table's grid is always valid.
+    above or below?), so the table is used there too, and so it is for a price (or a last price) above the
+    table: the table's own rules judge those, as without a snapshot. Minimum-spread reductions only make the
+    grid finer, so a price on the table's grid is always valid.
     """
     q = state.quote
     if q is None or q.price_spread is None or q.price_spread <= 0 or q.last_price <= 0:
         return None
     ladder = hkex.spread_table(state.now.date())
     index = _band(q.last_price, ladder)
-    if q.last_price == ladder[index].upper or _band(price, ladder) != index:
+    if index is None or q.last_price == ladder[index].upper or _band(price, ladder) != index:
         return None
     return q.price_spread
 
@@ -641,9 +640,8 @@ def _rounded_prices(p: TradeProposal, s: RiskState) -> dict[str, str]:
     entry = entry_price_of(p, s)
     if entry is not None:
         out["entry_price"] = str(entry)
-    side = Side.BUY if p.side == Side.BUY else Side.SELL
     for name, price in (("stop_loss", p.stop_loss), ("take_profit", p.take_profit)):
-        rounded = round_price(price, side, s) if price is not None else None
+        rounded = round_price(price, p.side, s) if price is not None else None
         if rounded is not None:
             out[name] = str(rounded)
     return out

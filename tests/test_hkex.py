@@ -218,6 +218,8 @@ def test_round_to_tick_refuses_impossible_prices(price: str, side: Side, tick: s
         ("20.00", OLD, None, True),  # a boundary is always valid
         ("0.001", NEW, None, False),  # below the minimum price
         ("10000", NEW, None, False),  # above the maximum price
+        ("9995", NEW, None, True),  # the maximum price itself is a price
+        ("0.01", NEW, None, True),  # and so is the minimum
         ("5.005", NEW, None, False),  # Phase 2 price, not in our table yet
         ("5.005", NEW, "0.005", True),  # ... but valid when the broker says the tick is 0.005
     ],

@@ -1074,3 +1074,319 @@ def test_guard_flattens_every_position_before_the_close() -> None:
     exits = guard_at(positions, stops, {}, datetime(2026, 3, 10, 15, 52, tzinfo=HKT))
     assert [e.split(": ", 1)[1][:26] for e in exits] == ["flatten before the close ("] * 2
     assert [e.split(":")[0] for e in exits] == ["HK.00005", SYMBOL]
+
+
+# ----------------------------------------------------------- edges the second mutation run found (issue 10)
+
+
+def test_each_refused_rule_tells_the_model_why() -> None:
+    verdict = safety.evaluate_trade(buy(qty=150), state(), LIMITS)
+    assert verdict.to_result()["failed_rules"] == [
+        {"rule": "board_lot", "why": verdict.failures[0].message},
+    ]
+    assert "150 is not a whole number of 100-share lots" in verdict.failures[0].message
+
+
+@pytest.mark.parametrize(
+    ("side", "quote_", "expected"),
+    [
+        (Side.BUY, quote("80", ask="80.05", bid="79.95"), "80.05"),  # a buy at the ask
+        (Side.SELL, quote("80", ask="80.05", bid="79.95"), "79.95"),  # a sell at the bid
+        (Side.BUY, quote("80", ask="0"), "80"),  # no ask (0: nobody is selling): the last price
+        (Side.SELL, quote("80", bid="0"), "80"),  # no bid: the last price
+        (Side.BUY, quote("0.52", ask="0.5", spread="0.01"), "0.5"),  # a penny stock's ask is a real ask
+        (Side.BUY, quote("0.5", spread="0.01"), "0.5"),  # ... and its last price a real price
+        (Side.BUY, quote("0"), None),  # no trade yet and no ask: no price to judge a market order at
+        (Side.BUY, None, None),  # an unknown symbol
+    ],
+)
+def test_market_orders_are_judged_at_the_touch_else_the_last_price(side, quote_, expected) -> None:
+    price = safety.market_price(side, state(quote=quote_))
+    assert price == (D(expected) if expected is not None else None)
+
+
+def test_matching_approval_looks_past_a_later_approval_that_does_not_cover_the_trade() -> None:
+    # The latest approval has another stop (or entry); the earlier one still covers the trade.
+    other_stop = APPROVED.model_copy(update={"stop_loss": D("77.00")})
+    other_entry = APPROVED.model_copy(update={"entry_price": D("70.00")})
+    for later in (other_stop, other_entry):
+        assert safety.matching_approval(buy(), state(approvals=[APPROVED, later]), LIMITS) == APPROVED
+        assert safety.evaluate_execute(buy(), state(approvals=[APPROVED, later]), LIMITS).allowed
+
+
+def test_rule2_refusal_shows_the_approved_and_the_proposed_trade() -> None:
+    verdict = safety.evaluate_execute(buy(qty=1100, entry="80.03", stop="78.04"), state(approvals=[APPROVED]), LIMITS)
+    assert verdict.failures[0].message == (
+        "differs from the approved trade (approved 1000 @ 80.00 stop 78.00; got 1100 @ 80.00 stop 78.00): "
+        "quantity may not exceed, stop must match, entry within 0.50%; call check_risk again"
+    )
+    # An approval of another stock (same side) is no approval of this one: "call check_risk first".
+    elsewhere = APPROVED.model_copy(update={"symbol": "HK.00005"})
+    verdict = safety.evaluate_execute(buy(), state(approvals=[elsewhere]), LIMITS)
+    assert verdict.failures[0].message == (f"call check_risk for this buy of {SYMBOL} first; it must approve the trade")
+
+
+def test_max_entry_quantity_is_zero_without_a_quote_or_a_price() -> None:
+    assert safety.max_entry_quantity(D(80), state(quote=None), LIMITS) == 0
+    assert safety.max_entry_quantity(D(0), state(), LIMITS) == 0
+    assert safety.max_entry_quantity(D(-1), state(), LIMITS) == 0
+
+
+def test_max_entry_quantity_buys_a_lot_that_costs_exactly_the_cap() -> None:
+    # Equity 5 HKD, cap 20 %: HK$1.00 may go into the stock; one lot of 100 at 0.01 costs exactly that.
+    s = state(account=account("1000", "5"), quote=quote("0.01", spread="0.001"), start_of_day_equity=None)
+    assert safety.max_entry_quantity(D("0.01"), s, LIMITS) == 100
+
+
+def test_max_entry_quantity_floors_exactly_where_a_division_would_round_up() -> None:
+    # 20 % of this equity is 9.599...9 (28 digits): 3.999... lots of 2.40, which a Decimal division rounds to 4.
+    equity = "47.999999999999999999999999995"
+    s = state(account=account("1000", equity), quote=quote("0.024", spread="0.001"), start_of_day_equity=None)
+    assert safety.max_entry_quantity(D("0.024"), s, LIMITS) == 300
+
+
+def costs(value: str) -> Decimal:
+    from brokers import hkex
+
+    s = state()
+    return D(value) + hkex.trading_costs(D(value), s.commission_pct, s.min_commission_hkd).total
+
+
+@pytest.mark.parametrize(
+    ("orders", "expected"),
+    [
+        ([], D(0)),
+        ([order(qty=1000, limit="70")], costs("70000")),  # a limit buy at its limit, not at the last price (80)
+        ([order(qty=1000, limit=None)], costs("80000")),  # a market buy of the quoted stock at its last price
+        ([order("HK.00005", qty=1000, limit=None)], D(0)),  # a market buy of another stock: no price known
+        ([order(qty=1000, limit="70", status=OrderStatus.CANCELLED)], D(0)),  # a dead buy reserves nothing
+        ([order(side=Side.SELL, qty=1000, limit="90")], D(0)),  # a sell brings cash, it reserves none
+        ([order(qty=100, limit="70", filled=99, status=OrderStatus.PARTIALLY_FILLED)], costs("70")),  # 1 share left
+        ([order(qty=100, limit="70", filled=100, status=OrderStatus.PARTIALLY_FILLED)], D(0)),  # none left
+        ([order(side=Side.SELL, limit="90"), order(qty=1000, limit="70")], costs("70000")),  # every order counts
+        ([order("HK.00005", limit=None), order(qty=1000, limit="70")], costs("70000")),  # ... after an unpriced one
+        ([order(qty=1000, limit="70"), order("HK.00005", qty=200, limit="50")], costs("70000") + costs("10000")),
+        ([order(qty=20_000, limit="0.5")], costs("10000")),  # a penny stock's limit is a real price
+    ],
+)
+def test_open_buys_reserve_their_unfilled_value_and_costs(orders: list, expected: Decimal) -> None:
+    assert safety._reserved_cash(state(open_orders=orders)) == expected
+
+
+def test_an_entry_without_a_stop_is_refused_and_told_why() -> None:
+    verdict = safety.evaluate_trade(buy(stop=None), state(), LIMITS)
+    assert [(f.rule, f.message) for f in verdict.failures] == [("stop_loss", "a stop loss is required on every entry")]
+
+
+SMALL_ORDERS = RiskSettings(max_order_value_hkd=50_000)
+
+
+@pytest.mark.parametrize(
+    ("proposal", "overrides", "limits", "rule", "message"),
+    [
+        (buy(), {"minutes_to_close": None}, LIMITS, "trading_hours",
+         "time to the session's close is unknown; no new entries"),
+        (buy(), {"minutes_to_close": 5.0}, LIMITS, "trading_hours",
+         "no new entries in the last 10 min of a session (5.0 min left); exits are still allowed"),
+        (buy(), {"quote": None}, LIMITS, "symbol", f"{SYMBOL} is not a known HKEX security (no quote)"),
+        (buy(), {"quote": quote(symbol="HK.00005")}, LIMITS, "symbol",
+         f"the quote is for HK.00005, not {SYMBOL}; ask again"),
+        (buy(), {"quote": quote(is_equity=False)}, LIMITS, "symbol",
+         f"{SYMBOL} is not an equity; this agent trades HK stocks only"),
+        (buy(), {"quote": quote(suspended=True)}, LIMITS, "symbol", f"{SYMBOL} is suspended from trading"),
+        (buy(), {"quote": quote("0")}, LIMITS, "symbol", f"{SYMBOL} has no valid last price (0)"),
+        (buy(stop=None), {}, LIMITS, "stop_loss", "a stop loss is required on every entry"),
+        (buy(target=None), {}, LIMITS, "stop_loss", "a take profit is required on every entry"),
+        (buy(stop="0.001"), {}, LIMITS, "stop_loss", "stop 0.001 is not a valid HKEX price (0.01-9995)"),
+        (buy(target="0.005"), {}, LIMITS, "stop_loss", "take profit 0.005 is not a valid HKEX price"),
+        (buy(stop="80.02"), {}, LIMITS, "stop_loss", "stop 80.00 must be below the entry 80.00 for a buy"),
+        (buy(target="79.99"), {}, LIMITS, "stop_loss",
+         "take profit 79.95 (tick-rounded) must be above the entry 80.00"),
+        (buy(stop="70", target="100"), {}, LIMITS, "stop_loss",
+         "stop 70.00 is 12.50% below the entry 80.00; the maximum is 10.00% (stop at least 72.000)"),
+        (buy(target="82"), {}, LIMITS, "reward_risk",
+         "reward:risk is 1.00 (entry 80.00, stop 78.00, target 82.00); minimum 2.00 (target at least 84.000)"),
+        (buy(qty=150), {}, LIMITS, "board_lot",
+         f"150 is not a whole number of 100-share lots for {SYMBOL} (nearest below: 100)"),
+        (buy(qty=0), {}, LIMITS, "board_lot", "quantity must be positive, got 0"),
+        (buy(), {"is_continuous": False, "market_description": ""}, LIMITS, "trading_hours",
+         "market is not in continuous trading at Tue 10:30 HKT (closed); orders only 09:30-12:00 and 13:00-16:00 "
+         "on trading days"),
+        (buy(), {"is_continuous": False, "market_description": "lunch break"}, LIMITS, "trading_hours",
+         "market is not in continuous trading at Tue 10:30 HKT (lunch break); orders only 09:30-12:00 and "
+         "13:00-16:00 on trading days"),
+        (buy(qty=50), {}, LIMITS, "board_lot",
+         f"50 is not a whole number of 100-share lots for {SYMBOL} (the minimum is one lot of 100)"),
+        (buy(qty=1600), {"positions": HELD}, LIMITS, "position_size",
+         "position would be HK$208,000.00 incl. 1000 already held or pending, over 20.0% of equity (HK$200,000.00)"),
+        (buy(qty=2600), {}, LIMITS, "position_size",
+         "position would be HK$208,000.00, over 20.0% of equity (HK$200,000.00)"),
+        (buy(qty=1300), WARNING, LIMITS, "position_size",
+         "position would be HK$104,000.00, over 10.0% of equity (HK$98,500.00) (warning mode halves the cap)"),
+        (buy(), {"positions": holdings(*others(5))}, LIMITS, "max_positions",
+         "5 open positions and 0 pending entries; a new one would make 6, the maximum is 5"),
+        (buy(), {"positions": holdings(*others(4), position("HK.00005", qty=1))}, LIMITS, "max_positions",
+         "5 open positions and 0 pending entries; a new one would make 6, the maximum is 5"),  # 1 share counts
+        (buy(), {"positions": holdings(*others(5), position())}, LIMITS, "max_positions",
+         "6 open positions and 0 pending entries; adding to a position already over the maximum would make 6, "
+         "the maximum is 5"),
+        (buy(), {"positions": holdings(*others(5)), "open_orders": [order(qty=100)]}, LIMITS, "max_positions",
+         "5 open positions and 1 pending entries; adding to a position already over the maximum would make 6, "
+         "the maximum is 5"),  # adding to a pending entry
+        (buy(), {}, SMALL_ORDERS, "order_value", "order value HK$80,000.00 is over the HK$50,000.00 limit per order"),
+        (buy(), {"account": account("50000", "1000000")}, LIMITS, "cash",
+         "needs HK$80,114.16 incl. costs; available cash is HK$50,000.00"),
+        (buy(), {"account": account("100000", "1000000"), "open_orders": [order("HK.00005", qty=500, limit="60")]},
+         LIMITS, "cash",
+         "needs HK$80,114.16 incl. costs; available cash is HK$69,957.18 (HK$100,000.00 less HK$30,042.82 for open "
+         "buys)"),
+        (buy(), {"trades_today": 10}, LIMITS, "daily_trades",
+         "10 trades today; the maximum is 10 (exits stay allowed)"),
+        (buy(entry=None), {}, LIMITS, "limit_price", "a limit order needs limit_price"),
+        (buy(entry="0.001"), {}, LIMITS, "limit_price", "limit 0.001 is not a valid HKEX price (0.01-9995)"),
+        (buy(qty=2000, entry="0.6", stop="0.58", target="0.7"), {"quote": quote("0.5", spread="0.005", lot=2000)},
+         LIMITS, "limit_price", "limit 0.60 is 20.00% from the last price 0.5; the maximum is 3.00% (0.485-0.515)"),
+        (buy(entry="90", stop="88", target="95"), {}, LIMITS, "limit_price",
+         "limit 90.00 is 12.50% from the last price 80; the maximum is 3.00% (77.600-82.400)"),
+        (buy(entry=None, order_type="market"), {"quote": quote(ask="90")}, LIMITS, "limit_price",
+         "market buy at the ask 90 is 12.50% from the last price 80; the maximum is 3.00% (77.600-82.400)"),
+        (sell(qty=1100), {"positions": HELD}, LIMITS, "no_short",
+         f"selling 1100 {SYMBOL} but only 1000 of 1000 held are sellable (open sell orders reserve the rest); "
+         "no short selling"),
+        (buy(), {"halt_reason": "HALT file exists"}, LIMITS, "halted",
+         "entries are blocked: HALT file exists; exits are still allowed"),
+        (buy(), {"account": account("980000")}, LIMITS, "daily_loss_limit",
+         "daily P&L -2.00% is at or past the −2.00% limit; entries are blocked for the rest of the day"),
+    ],
+)  # fmt: skip
+def test_every_refusal_tells_the_model_exactly_what_to_fix(proposal, overrides, limits, rule, message) -> None:
+    # The model corrects its proposal from these words and numbers alone: each rule's message, exactly.
+    verdict = safety.evaluate_trade(proposal, state(**overrides), limits)
+    assert not verdict.allowed
+    assert [f.message for f in verdict.failures if f.rule == rule] == [message]
+
+
+def test_the_cash_rule_judges_every_share_and_nothing_for_no_shares() -> None:
+    # Open buys reserve more than the cash: even one share is unaffordable, no share needs no cash.
+    short = state(account=account("10000", "1000000"), open_orders=[order("HK.00005", qty=500, limit="60")])
+    assert failed(safety.evaluate_trade(buy(qty=1), short, LIMITS)) == ["board_lot", "cash"]
+    assert failed(safety.evaluate_trade(buy(qty=0), short, LIMITS)) == ["board_lot"]
+
+
+@pytest.mark.parametrize(
+    ("last", "spread", "price", "buy_at", "sell_at"),
+    [
+        ("80", "0.05", "80.03", "80.00", "80.05"),  # the snapshot's tick, in the last price's band
+        ("80", "0", "80.03", "80.00", "80.05"),  # a zero tick from the broker means none: the table's
+        ("20", "0.01", "20.01", "20.00", "20.02"),  # a last price on a band boundary: the table's 0.02 above it
+        ("0.45", "0.001", "0.453", "0.453", "0.453"),  # a penny stock's snapshot tick is used like any other
+        ("0", "0.005", "0.203", "0.203", "0.203"),  # no trade yet: the snapshot's tick is not trusted
+        ("9990", "5", "10000", "9995.00", None),  # above the table: judged by the table's own rules
+        ("10000", "5", "9990", "9990.00", "9990.00"),  # a last price above the table: the table
+    ],
+)
+def test_prices_are_rounded_on_the_snapshots_tick_only_where_it_applies(last, spread, price, buy_at, sell_at) -> None:
+    s = state(quote=quote(last, spread=spread))
+    for side, expected in ((Side.BUY, buy_at), (Side.SELL, sell_at)):
+        assert safety.round_price(D(price), side, s) == (D(expected) if expected is not None else None)
+
+
+def test_max_entry_quantity_counts_a_single_share_already_held() -> None:
+    # 20 % of 1,000,000 = 200,000; one share at 80 leaves 199,920: 24 lots.
+    assert safety.max_entry_quantity(D(80), state(positions=holdings(position(qty=1))), LIMITS) == 2400
+
+
+def test_selling_a_position_larger_than_the_cap_is_never_refused_for_its_size() -> None:
+    big = holdings(position(qty=3000))  # 240,000 at 80: over 20 % of 1,000,000 (an adopted or risen position)
+    assert failed(safety.evaluate_trade(sell(qty=3000), state(positions=big), LIMITS)) == []
+
+
+def test_a_short_position_reported_by_the_broker_makes_no_room_under_the_cap() -> None:
+    short = holdings(position(qty=-1000))
+    assert safety.max_entry_quantity(D(80), state(positions=short), LIMITS) == 2500
+
+
+def test_the_clock_must_be_inside_continuous_trading_whatever_the_caller_says() -> None:
+    # A caller bug that calls 12:00 (the start of lunch) continuous does not open it.
+    noon = state(now=datetime(2026, 3, 10, 12, 0, tzinfo=HKT), minutes_to_close=0.0)
+    assert failed(safety.evaluate_trade(sell(), noon.model_copy(update={"positions": HELD}), LIMITS)) == [
+        "trading_hours"
+    ]
+
+
+def test_a_clock_without_a_time_zone_is_read_as_hong_kong_time(monkeypatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")  # the machine's own zone must play no part
+    time.tzset()
+    try:
+        naive = state(now=datetime(2026, 3, 10, 10, 30), positions=HELD)
+        assert failed(safety.evaluate_trade(sell(), naive, LIMITS)) == []
+        closed = state(
+            now=datetime(2026, 3, 10, 2, 30, tzinfo=ZoneInfo("UTC")), is_continuous=False, market_description=""
+        )
+        assert safety.evaluate_trade(buy(), closed, LIMITS).failures[0].message == (
+            "market is not in continuous trading at Tue 10:30 HKT (closed); orders only 09:30-12:00 and "
+            "13:00-16:00 on trading days"
+        )
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_tiny_start_of_day_equity_is_still_a_baseline() -> None:
+    s = state(account=account("0.5"), start_of_day_equity=D(1))
+    assert safety.daily_pnl_pct(s) == -0.5
+    assert safety.risk_mode(s, LIMITS) == "halted"
+
+
+def test_a_penny_stock_is_a_tradable_stock() -> None:
+    penny = state(quote=quote("0.5", spread="0.005", lot=2000))
+    assert failed(safety.evaluate_trade(buy(qty=2000, entry="0.5", stop="0.48", target="0.55"), penny, LIMITS)) == []
+
+
+def test_a_delayed_quote_blocks_entries_unless_a_human_allows_it_and_never_blocks_exits() -> None:
+    delayed = quote().model_copy(update={"delayed": True})
+    verdict = safety.evaluate_trade(buy(), state(quote=delayed), LIMITS)
+    assert [(f.rule, f.message) for f in verdict.failures] == [
+        (
+            "symbol",
+            f"the quote of {SYMBOL} is delayed (no real-time market data subscription): the limit-near-market "
+            "check is meaningless on an old price, so no entry is allowed (a human may set "
+            "broker.ibkr.allow_delayed_data: true)",
+        )
+    ]
+    assert failed(safety.evaluate_trade(buy(), state(quote=delayed, allow_delayed_data=True), LIMITS)) == []
+    assert failed(safety.evaluate_trade(sell(), state(quote=delayed, positions=HELD), LIMITS)) == []
+
+
+def test_the_verdict_shows_every_price_as_it_would_be_sent_and_says_what_was_rounded() -> None:
+    verdict = safety.evaluate_trade(buy(entry="80.03", stop="78.04", target="86.04"), state(), LIMITS)
+    assert verdict.allowed
+    assert verdict.rounded == {"entry_price": "80.00", "stop_loss": "78.00", "take_profit": "86.00"}
+    assert verdict.notes == [
+        "entry_price 80.03 rounded to the tick grid: 80.00",
+        "stop_loss 78.04 rounded to the tick grid: 78.00",
+        "take_profit 86.04 rounded to the tick grid: 86.00",
+    ]
+    # A sell rounds up; a market order's price is the market's, not a rounding of what was given.
+    sold = safety.TradeProposal(
+        symbol=SYMBOL, side=Side.SELL, quantity=1000, entry_price=D("80.03"), stop_loss=D("80.03"), take_profit=None
+    )
+    assert safety.evaluate_trade(sold, state(positions=HELD), LIMITS).rounded == {
+        "entry_price": "80.05",
+        "stop_loss": "80.05",
+    }
+    market = safety.evaluate_trade(buy(entry="80.03", order_type="market"), state(quote=quote(ask="80.05")), LIMITS)
+    assert market.rounded["entry_price"] == "80.05" and market.notes == []
+
+
+def test_no_valid_entry_price_means_no_quantity_is_allowed() -> None:
+    verdict = safety.evaluate_trade(buy(entry="0.001"), state(), LIMITS)
+    assert not verdict.allowed and verdict.max_quantity == 0
+
+
+def test_guard_time_stop_with_an_unknown_time_to_close_does_nothing() -> None:
+    status = market_status(datetime(2026, 3, 10, 11, 55, tzinfo=HKT)).model_copy(update={"minutes_to_close": None})
+    flat = holdings(position(cost="80", last="80"))  # flat before lunch: a time stop if the time were known
+    assert safety.guard_exits(flat, {}, {}, status, LIMITS) == []
