@@ -75,6 +75,9 @@ class BrokerView:
         self._positions: dict[str, Position] | None = None
         self._orders: list[Order] | None = None
         self._is_paper: bool | None = None
+        # Broker ids of the orders known to be working (None: not known yet). Kept across ``invalidate``: the
+        # last read of the open orders, updated by every order this run placed or cancelled since.
+        self._working: set[str] | None = None
 
     def account(self) -> Account:
         if self._account is None:
@@ -97,7 +100,27 @@ class BrokerView:
     def open_orders(self) -> list[Order]:
         if self._orders is None:
             self._orders = self._broker.open_orders()
+            self._working = {o.broker_order_id for o in self._orders if o.is_active}
         return self._orders
+
+    def note_order(self, order: Order) -> None:
+        """An order this run just placed, settled or cancelled, as the broker answered: is it still working?"""
+        if self._working is None:
+            return
+        if order.is_active:
+            self._working.add(order.broker_order_id)
+        else:
+            self._working.discard(order.broker_order_id)
+
+    def positions_now(self) -> dict[str, Position]:
+        """The positions as they stand now, for the cycle's summary.
+
+        Every write of ours empties the cache, so a cached read came after our last write. It still holds unless
+        an order was working since (it may have filled): only then, or with nothing known, is the broker asked.
+        """
+        if self._working is None or self._working:
+            self._positions = None
+        return self.positions()
 
     def quote(self, symbol: str) -> Quote | None:
         try:
@@ -315,6 +338,7 @@ def place_order_write_ahead(
         order = _settle_unclear_order(ctx, request, exc)
     record_order_state(ctx, request.client_order_id, order)
     ctx.view.invalidate()
+    ctx.view.note_order(order)
     ctx.market.invalidate([request.symbol])  # our own order may have moved its price: read it again
     log.info(
         "order_dry_run" if order.status == OrderStatus.DRY_RUN else "order_submitted",
@@ -466,6 +490,7 @@ def cancel_confirmed(ctx: CycleContext, order: Order) -> bool:
             current = still[0] if still else order.model_copy(update={"status": OrderStatus.CANCELLED})
     ctx.view.invalidate()
     assert current is not None
+    ctx.view.note_order(current)
     if order.client_order_id and ctx.journal.get_order(order.client_order_id) is not None:
         record_order_state(ctx, order.client_order_id, current)
     confirmed = not current.is_active

@@ -137,15 +137,14 @@ def compose_summary(
 
 
 def summarize_cycle(ctx: CycleContext, *, note: str, stopped_by: str, note_label: str = "Model's note") -> str:
-    """Read the cycle's facts (journal, then the broker's positions, read fresh) and compose the summary."""
+    """Read the cycle's facts (journal, then the broker's positions as they stand now) and compose the summary."""
     journal = ctx.journal
     orders = [o for o in journal.orders_on(ctx.trading_date) if o.cycle_id == ctx.cycle_id]
     calls = journal.tool_calls(ctx.cycle_id) if ctx.cycle_id is not None else []
     positions: dict[str, Any] | None
     error = None
     try:
-        ctx.view.invalidate()  # what the broker holds now, not what the cycle read before it acted
-        positions = dict(ctx.view.positions())
+        positions = dict(ctx.view.positions_now())  # what the broker holds now, not before the cycle acted
     except Exception as exc:  # a summary must not fail the cycle it describes
         positions, error = None, f"{type(exc).__name__}: {exc}"
         log.warning("summary_positions_unread", error=error)

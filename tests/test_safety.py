@@ -1301,6 +1301,11 @@ def test_selling_a_position_larger_than_the_cap_is_never_refused_for_its_size() 
     assert failed(safety.evaluate_trade(sell(qty=3000), state(positions=big), LIMITS)) == []
 
 
+def test_an_unknown_symbol_is_refused_for_that_alone() -> None:
+    # Without a quote there is no lot size or market price to size a position on: only "symbol" speaks.
+    assert failed(safety.evaluate_trade(buy(qty=3000), state(quote=None), LIMITS)) == ["symbol"]
+
+
 def test_a_short_position_reported_by_the_broker_makes_no_room_under_the_cap() -> None:
     short = holdings(position(qty=-1000))
     assert safety.max_entry_quantity(D(80), state(positions=short), LIMITS) == 2500
