@@ -22,6 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import structlog
 
 import agent
 from brokers import hkex
@@ -32,7 +33,13 @@ from config.settings import FutuSettings, Settings
 from data.alerts import Alerter
 from data.database import Journal
 from tests.fakes.hostile_market import HOSTILE_NAME, INJECTED_HEADLINE, HostileMarket
-from tests.fakes.opend import GET_GLOBAL_STATE, TRD_GET_FUNDS, TRD_PLACE_ORDER, FakeOpenD
+from tests.fakes.opend import (
+    GET_GLOBAL_STATE,
+    QOT_GET_SECURITY_SNAPSHOT,
+    TRD_GET_FUNDS,
+    TRD_PLACE_ORDER,
+    FakeOpenD,
+)
 from tool_executor import UNTRUSTED_NOTE, CycleContext, ToolGate
 
 HKT = ZoneInfo("Asia/Hong_Kong")
@@ -167,10 +174,14 @@ def test_a_call_the_rules_could_not_judge_is_refused_and_runs_nothing(
     opend.fail_next(TRD_GET_FUNDS, msg="funds query failed")  # the account cannot be read: no risk state
     placed_before = opend.count(TRD_PLACE_ORDER)
 
-    outcome = futu_gate.handle(tool, raw)
+    with structlog.testing.capture_logs() as logs:
+        outcome = futu_gate.handle(tool, raw)
 
     assert (outcome.allowed, outcome.is_error) == (False, True)
-    assert outcome.reason.startswith("no verdict: ")
+    assert outcome.reason == "no verdict: BrokerRequestRefused"  # the kind of failure, for the journal
+    # ... and the operator's log names the tool and the failure.
+    (failed,) = [e for e in logs if e["event"] == "verdict_failed"]
+    assert failed["log_level"] == "error" and failed["tool"] == tool and "funds query failed" in failed["error"]
     assert f"could not judge {tool}" in outcome.result["error"] and "funds query failed" in outcome.result["error"]
     assert opend.count(TRD_PLACE_ORDER) == placed_before  # nothing reached the broker
     assert [(p.symbol, p.quantity) for p in SimBroker(exchange).positions()] == [(TENCENT, 200)]
@@ -185,6 +196,23 @@ def test_a_market_status_that_cannot_be_read_refuses_the_call_too(futu_gate: Too
     opend.fail_next(GET_GLOBAL_STATE, msg="global state unavailable")
     outcome = futu_gate.handle("close_all", {"reason": "panic"})
     assert (outcome.allowed, outcome.is_error) == (False, True) and outcome.reason.startswith("no verdict")
+
+
+# --------------------------------------------------------------------- a tool that ran and failed says why
+
+
+def test_a_tool_that_ran_and_failed_tells_the_model_why_and_whether_to_ask_again(
+    futu_gate: ToolGate, opend: FakeOpenD
+) -> None:
+    unknown = futu_gate.handle("get_quote", {"symbol": "99999"})
+    assert (unknown.allowed, unknown.is_error, unknown.reason) == (True, True, "failed: UnknownSymbol")
+    assert list(unknown.result) == ["error"] and "HK.99999" in unknown.result["error"]
+
+    opend.refuse_next(QOT_GET_SECURITY_SNAPSHOT, "no_permission_zh")  # an answer that will not change
+    refused = futu_gate.handle("get_quote", {"symbol": "700"})
+    assert (refused.allowed, refused.is_error, refused.reason) == (True, True, "failed: BrokerRequestRefused")
+    assert list(refused.result) == ["error", "retry"] and "no right or quota" in refused.result["error"]
+    assert refused.result["retry"] == "no: the same request gets the same answer; do not ask again"
 
 
 # ------------------------------------------------------------------------- item 3: untrusted names and news
@@ -203,6 +231,7 @@ def test_quote_names_reach_the_model_only_as_untrusted_data(futu_gate: ToolGate)
 def test_scan_names_are_untrusted_cleaned_and_bounded(futu_gate: ToolGate) -> None:
     outcome = futu_gate.handle("scan_market", {"index": "HSI", "limit": 5})
     assert outcome.allowed and not outcome.is_error, outcome.result
+    assert outcome.result["index"] == "HSI"  # the model is told which index it scanned
     candidates = outcome.result["candidates"]
     assert len(candidates) == 5
     for row in candidates:
@@ -220,6 +249,8 @@ def test_news_is_wrapped_as_untrusted_and_the_injection_stays_data(futu_gate: To
     report = outcome.result["report"]
     assert report["untrusted"] is True and report["symbol"] == TENCENT
     assert INJECTED_HEADLINE in [item["title"] for item in report["items"]]
+    recent = futu_gate.handle("get_news", {"symbol": "700", "hours": 6})
+    assert recent.result["report"]["hours"] == 6  # the window the model asked for, not the default day
 
     # The model "obeys" the headline: the rules do not.
     obey = {"symbol": "700", "side": "buy", "quantity": 1_000_000, "order_type": "market",
@@ -347,6 +378,42 @@ def test_a_real_accounts_own_stop_does_not_block_selling_the_position(journal: J
     assert done.allowed and not done.is_error, done.result
     assert sim.holding(TENCENT) == 0
     assert [o for o in sim.broker.open_orders() if o.order_type is OrderType.STOP] == []
+
+
+def test_a_real_accounts_own_stop_frees_its_shares_but_a_working_sell_of_the_model_does_not(
+    journal: Journal, tmp_path: Path
+) -> None:
+    sim = sim_gate(journal, tmp_path, kind=AccountKind.REAL)
+    trade = entry_of(sim.exchange, quantity=200)
+    assert sim.gate.handle("check_risk", check(trade)).allowed
+    assert sim.gate.handle("execute_trade", execute(trade)).allowed
+    # The model offers half the position above the market: the sell rests, the stop shrinks to the other half.
+    ask = sim.exchange.quote(TENCENT).ask_price
+    assert ask is not None
+    above = float(hkex.round_to_tick(ask * Decimal("1.02"), Side.SELL, NOW.date()))
+    half = {"symbol": "700", "side": "sell", "quantity": 100, "stop_loss": 1, "take_profit": 1}
+    assert sim.gate.handle("check_risk", {**half, "entry_price": above}).allowed
+    assert sim.gate.handle("execute_trade", {**half, "limit_price": above}).allowed
+    working = sorted((o.order_type, o.quantity) for o in sim.broker.open_orders())
+    assert working == [(OrderType.LIMIT, 100), (OrderType.STOP, 100)]
+
+    bid = float(sim.exchange.quote(TENCENT).bid_price or 0)
+    everything = sim.gate.handle("check_risk", {**half, "quantity": 200, "entry_price": bid})
+    assert not everything.allowed and "no_short" in everything.reason  # the working sell keeps its 100
+    rest = sim.gate.handle("check_risk", {**half, "entry_price": bid})
+    assert rest.allowed and rest.result["max_quantity"] == 100, rest.result  # the stop's 100 are free to sell
+
+
+def test_close_all_in_continuous_trading_closes_every_position(journal: Journal, tmp_path: Path) -> None:
+    sim = sim_gate(journal, tmp_path)
+    trade = entry_of(sim.exchange)
+    assert sim.gate.handle("check_risk", check(trade)).allowed
+    assert sim.gate.handle("execute_trade", execute(trade)).allowed
+    assert sim.holding(TENCENT) == 100
+    outcome = sim.gate.handle("close_all", {"reason": "the model wants out"})
+    assert outcome.allowed and not outcome.is_error, outcome.result
+    assert [(o["symbol"], o["quantity"]) for o in outcome.result["closed"]] == [(TENCENT, 100)]
+    assert sim.holding(TENCENT) == 0
 
 
 # --------------------------------------------------------------------------------------- the gate's plumbing
