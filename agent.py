@@ -175,11 +175,12 @@ class Run:
     alerter: Any = None
     loop: Any = None  # brain.LoopResult of the running cycle: tokens and cost spent so far
     brain: Any = None  # a brain to use instead of the configured one (the replay's cached Claude)
+    one_shot: bool = False  # this process runs this one command and exits (agent.py itself, as cron runs it)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    run = Run(run_id=uuid.uuid4().hex)
+    run = Run(run_id=uuid.uuid4().hex, one_shot=True)
     try:
         return execute(args, run)
     except Exception as exc:  # the one place every failure becomes a line and an exit code
@@ -723,6 +724,13 @@ def run_cycle(settings: Any, secrets: Any, run: Run, broker: Any, source: Any, c
         brain = ClaudeBrain(settings, secrets.anthropic_api_key, tools.TOOLS)
     else:
         brain = RulesBrain(settings.risk, scan_limit=settings.agent.scan_limit)
+    if run.one_shot:
+        # What this process has loaded by now (the SDK, pandas, futu) lives until it exits: moved out of the
+        # cyclic collector's reach, it is not rescanned by every full collection during the tool loop (about
+        # 0.1 s each, seen in scripts/bench.py). A process running many cycles (the replay) keeps the default.
+        import gc
+
+        gc.freeze()
     gate = ToolGate(ctx)
     log.info("brain_ready", brain=brain.name, model=brain.model)
     note = source.market_data_note() if hasattr(source, "market_data_note") else None  # IBKR: delayed data?
