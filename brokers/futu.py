@@ -294,6 +294,25 @@ def _parse_news_time(value: Any) -> datetime | None:
         return None
 
 
+def _bars_from_frame(frame: Any, minutes: int) -> list[Bar]:
+    """Futu K-line rows as bars stamped at their START (Futu labels intraday bars by their end)."""
+    step = timedelta(minutes=minutes)
+    bars = []
+    for row in _rows(frame):
+        labelled = parse_futu_time(_text(row.get("time_key")))
+        bars.append(
+            Bar(
+                time=labelled - step if minutes else labelled,
+                open=_dec0(row.get("open")),
+                high=_dec0(row.get("high")),
+                low=_dec0(row.get("low")),
+                close=_dec0(row.get("close")),
+                volume=_int(row.get("volume")),
+            )
+        )
+    return bars
+
+
 def _rows(data: Any) -> list[dict[str, Any]]:
     """futu's pandas DataFrame as plain records (empty when futu returned no frame)."""
     to_dict = getattr(data, "to_dict", None)
@@ -1066,21 +1085,7 @@ class FutuClient:
             ),
         )
         frame = data[0] if isinstance(data, tuple) else data
-        step = timedelta(minutes=minutes)
-        bars = []
-        for row in _rows(frame):
-            labelled = parse_futu_time(_text(row.get("time_key")))
-            bars.append(
-                Bar(
-                    time=labelled - step if minutes else labelled,
-                    open=_dec0(row.get("open")),
-                    high=_dec0(row.get("high")),
-                    low=_dec0(row.get("low")),
-                    close=_dec0(row.get("close")),
-                    volume=_int(row.get("volume")),
-                )
-            )
-        return bars[-count:]
+        return _bars_from_frame(frame, minutes)[-count:]
 
     def history_quota(self) -> tuple[int, int, list[str]]:
         """The historical K-line quota: (used, remaining, codes already counted in the current 30-day window)."""
@@ -1115,21 +1120,7 @@ class FutuClient:
             ),
         )
         frame, next_key = data if isinstance(data, tuple) else (data, None)
-        step = timedelta(minutes=minutes)
-        bars = []
-        for row in _rows(frame):
-            labelled = parse_futu_time(_text(row.get("time_key")))
-            bars.append(
-                Bar(
-                    time=labelled - step if minutes else labelled,
-                    open=_dec0(row.get("open")),
-                    high=_dec0(row.get("high")),
-                    low=_dec0(row.get("low")),
-                    close=_dec0(row.get("close")),
-                    volume=_int(row.get("volume")),
-                )
-            )
-        return bars, next_key
+        return _bars_from_frame(frame, minutes), next_key
 
     def index_constituents(self, index: str) -> list[str]:
         """Constituents of HSI, HSCEI, HSTECH (Futu index plates HK.800000/800100/800700) or ALL (their union)."""
