@@ -127,6 +127,23 @@ class Position(_Frozen):
     market_value: Decimal
     unrealized_pnl: Decimal
 
+    @classmethod
+    def valued_at(
+        cls, symbol: str, name: str, quantity: int, sellable: int, avg_cost: Decimal, last: Decimal
+    ) -> Position:
+        """A holding valued at ``last``: market value and unrealized P&L to the cent (the simulated accounts)."""
+        cent = Decimal("0.01")
+        return cls(
+            symbol=symbol,
+            name=name,
+            quantity=quantity,
+            sellable_quantity=sellable,
+            avg_cost=avg_cost,
+            last_price=last,
+            market_value=(last * quantity).quantize(cent),
+            unrealized_pnl=((last - avg_cost) * quantity).quantize(cent),
+        )
+
 
 class OrderRequest(_Frozen):
     """What we ask the broker to do. ``client_order_id`` travels as Futu's ``remark`` (≤ 64 bytes)."""

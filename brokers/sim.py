@@ -1328,19 +1328,8 @@ class SimBroker:
         for symbol, holding in sorted(ex._state.positions.items()):
             inst = UNIVERSE[_INDEX_OF[symbol]]
             last = _milli_to_decimal(ex._last_price_milli(inst, now)[0])
-            market_value = (last * holding.quantity).quantize(_CENT)
-            result.append(
-                Position(
-                    symbol=symbol,
-                    name=inst.name,
-                    quantity=holding.quantity,
-                    sellable_quantity=holding.quantity - ex._pending_sell(symbol),
-                    avg_cost=holding.avg_cost,
-                    last_price=last,
-                    market_value=market_value,
-                    unrealized_pnl=((last - holding.avg_cost) * holding.quantity).quantize(_CENT),
-                )
-            )
+            sellable = holding.quantity - ex._pending_sell(symbol)
+            result.append(Position.valued_at(symbol, inst.name, holding.quantity, sellable, holding.avg_cost, last))
         return result
 
     def open_orders(self) -> list[Order]:

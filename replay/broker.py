@@ -375,17 +375,7 @@ class ReplayBroker:
         for symbol, holding in sorted(self.state.holdings.items()):
             info = self.feed.instrument(symbol)
             last = self.feed.last_price(symbol) or holding.avg_cost
-            market_value = (last * holding.quantity).quantize(_CENT)
-            result.append(
-                Position(
-                    symbol=symbol,
-                    name=info.name if info else "",
-                    quantity=holding.quantity,
-                    sellable_quantity=holding.quantity - self._pending_sell(symbol),
-                    avg_cost=holding.avg_cost,
-                    last_price=last,
-                    market_value=market_value,
-                    unrealized_pnl=((last - holding.avg_cost) * holding.quantity).quantize(_CENT),
-                )
-            )
+            sellable = holding.quantity - self._pending_sell(symbol)
+            name = info.name if info else ""
+            result.append(Position.valued_at(symbol, name, holding.quantity, sellable, holding.avg_cost, last))
         return result
