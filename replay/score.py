@@ -92,6 +92,16 @@ def round_trips(run: Any) -> list[Trade]:
         for row in journal.orders_on(day):
             orders[row.client_order_id] = row
     reasoning_of: dict[int, str] = {}
+
+    def reasoning(cycle: int | None) -> str:
+        """The last decision's reasoning of the cycle that opened a trade (read once per cycle)."""
+        if cycle is None:
+            return ""
+        if cycle not in reasoning_of:
+            decisions = journal.decisions(cycle)
+            reasoning_of[cycle] = decisions[-1].reasoning if decisions else ""
+        return reasoning_of[cycle]
+
     trades: list[Trade] = []
     open_trips: dict[str, dict[str, Any]] = {}
     for fill in run.broker.state.fills:
@@ -123,9 +133,6 @@ def round_trips(run: Any) -> list[Trade]:
         pnl = (trip["proceeds"] - trip["cost"] - trip["fees"]).quantize(Decimal("0.01"))
         risk = (entry - trip["stop"]) * quantity if trip["stop"] is not None and trip["stop"] < entry else None
         cycle = trip["cycle"]
-        if cycle is not None and cycle not in reasoning_of:
-            decisions = journal.decisions(cycle)
-            reasoning_of[cycle] = decisions[-1].reasoning if decisions else ""
         trades.append(
             Trade(
                 symbol=fill.symbol,
@@ -137,7 +144,7 @@ def round_trips(run: Any) -> list[Trade]:
                 pnl_hkd=pnl,
                 r_multiple=round(float(pnl / risk), 3) if risk else None,
                 exit_reason=(row.reason or "") if row is not None else "",
-                reasoning=reasoning_of.get(cycle, "") if cycle is not None else "",
+                reasoning=reasoning(cycle),
             )
         )
     for symbol, trip in open_trips.items():  # still held when the replay ended: marked at the last price
@@ -146,9 +153,6 @@ def round_trips(run: Any) -> list[Trade]:
         entry = (trip["cost"] / trip["quantity"]).quantize(Decimal("0.001"))
         pnl = (trip["proceeds"] + last * held - trip["cost"] - trip["fees"]).quantize(Decimal("0.01"))
         cycle = trip["cycle"]
-        if cycle is not None and cycle not in reasoning_of:
-            decisions = journal.decisions(cycle)
-            reasoning_of[cycle] = decisions[-1].reasoning if decisions else ""
         trades.append(
             Trade(
                 symbol=symbol,
@@ -160,7 +164,7 @@ def round_trips(run: Any) -> list[Trade]:
                 pnl_hkd=pnl,
                 r_multiple=None,
                 exit_reason=f"open at the end of the replay ({held} shares marked at {last})",
-                reasoning=reasoning_of.get(cycle, "") if cycle is not None else "",
+                reasoning=reasoning(cycle),
             )
         )
     return trades
