@@ -287,8 +287,8 @@ def missed_cycles(now: datetime, scheduled: list[datetime], started: list[dateti
 def check_schedule(run: Run, settings: Any, secrets: Any, clock: Any, log: Any) -> int:
     """``--check``: compare today's journal with the calendar; alert once per missed cycle."""
     from data.alerts import Alerter
+    from data.calendar import trading_session
     from data.database import Journal
-    from data.market import trading_session
 
     run.alerter = Alerter(settings.alerts, secrets.smtp_password, None)
     run.journal = Journal.open(settings, secrets)
@@ -365,8 +365,8 @@ def open_and_run(
     """Open the journal, take the lock, connect, and run one cycle or one guard pass."""
     from brokers.dry_run import DryRunBroker
     from data.alerts import Alerter
+    from data.calendar import market_status
     from data.database import Journal
-    from data.market import market_status
 
     # An alerter before the journal, so "the journal is down" can itself be alerted.
     run.alerter = Alerter(settings.alerts, secrets.smtp_password, None)
@@ -442,8 +442,9 @@ def acquire_account_lock(journal: Any, lock_key: str, mode: str, run: Run, wait_
 
 
 def make_context(settings: Any, run: Run, broker: Any, source: Any, clock: Any, dry_run: bool) -> Any:
+    from data.calendar import market_status
     from data.database import PgConstituentCache, PgKlineCache
-    from data.market import MarketService, MemoryKlineCache, market_status
+    from data.market import MarketService, MemoryKlineCache
     from data.news import NewsService
     from tool_executor import CycleContext
 
@@ -824,7 +825,7 @@ def halt_for_daily_loss(ctx: Any, run: Run, pnl: float, log: Any, close_all: Any
 def run_guard(settings: Any, run: Run, broker: Any, source: Any, clock: Any, log: Any) -> int:
     """No model: reconcile, enforce stops / take-profits / time stops / the daily loss limit, exit."""
     import safety
-    from data.market import trading_session
+    from data.calendar import trading_session
     from tool_executor import cancel_working_entries, close_all, close_position, risk_state
 
     ctx = make_context(settings, run, broker, source, clock, dry_run=False)

@@ -30,8 +30,9 @@ from config.errors import (
 )
 from config.settings import Settings
 from data.alerts import Alerter
+from data.calendar import MarketStatus
 from data.database import Journal, OrderIntent
-from data.market import MarketService, MarketStatus, UnknownSymbol
+from data.market import MarketService, UnknownSymbol
 from data.news import NewsService
 
 log = structlog.get_logger(__name__)

@@ -24,7 +24,7 @@ import psycopg
 
 from brokers.hkex import normalize_symbol
 from config.errors import AgentError
-from data.market import _calendar as _xhkg
+from data.calendar import _calendar as _xhkg
 
 HKT = ZoneInfo("Asia/Hong_Kong")
 REQUIRED = ("symbol", "time", "open", "high", "low", "close", "volume")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import psycopg
 
 from brokers.base import Bar, Quote
-from data.market import _calendar as _xhkg
+from data.calendar import _calendar as _xhkg
 
 PAGE_SIZE = 1000
 

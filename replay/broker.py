@@ -27,7 +27,7 @@ from typing import NamedTuple
 from brokers import hkex
 from brokers.base import Account, Clock, Order, OrderPreview, OrderRequest, OrderStatus, OrderType, Position, Side
 from config.errors import OrderRejected
-from data.market import _calendar as _xhkg
+from data.calendar import _calendar as _xhkg
 from replay.feed import HKT, ReplayFeed, SessionBars, milli_to_price
 
 _CENT = Decimal("0.01")

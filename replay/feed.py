@@ -29,7 +29,7 @@ import numpy as np
 from brokers import hkex
 from brokers.base import Bar, Clock, MarketState, NewsItem, Quote, Side
 from config.errors import AgentError
-from data.market import _calendar as _xhkg
+from data.calendar import _calendar as _xhkg
 
 HKT = ZoneInfo("Asia/Hong_Kong")
 _MINUTE_S = 60

@@ -69,7 +69,7 @@ def parse_range(text: str) -> tuple[date, date]:
 
 def schedule(day: date) -> list[tuple[datetime, str]]:
     """The passes cron would run on ``day``: ``trade`` at each window's start, ``guard`` every 5 minutes after."""
-    from data.market import trading_session
+    from data.calendar import trading_session
 
     session = trading_session(day)
     if session is None:
@@ -278,7 +278,7 @@ def cost_estimate(settings: Settings, days: list[date]) -> str:
 
 
 def _close_of(day: date) -> datetime:
-    from data.market import trading_session
+    from data.calendar import trading_session
 
     session = trading_session(day)
     assert session is not None

@@ -282,8 +282,8 @@ def run_digest(args: Any, settings: Settings, secrets: Secrets, clock: Callable[
     A failed send is journalled in ``alerts`` and reported on stderr; it never fails the run.
     """
     from data.alerts import Alerter, Attachment
+    from data.calendar import trading_session
     from data.database import Journal
-    from data.market import trading_session
 
     now = clock()
     today = now.date()

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from brokers.base import MarketPhase, MarketState
-from data.market import CalendarRangeError, calendar_range, last_completed_session, market_status, trading_session
+from data.calendar import CalendarRangeError, calendar_range, last_completed_session, market_status, trading_session
 
 HKT = ZoneInfo("Asia/Hong_Kong")
 

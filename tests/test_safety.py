@@ -3,7 +3,7 @@
 Pure rules, no fixtures: states, quotes and proposals come from the small factories below. Passing rows
 assert the whole verdict is allowed; failing rows assert exactly which rule(s) refused, so a row attacks
 the rule it names and nothing else. Market states for rule 1 and the guard come from the real XHKG
-calendar (``data.market.market_status``), as ``tool_executor.risk_state`` builds them.
+calendar (``data.calendar.market_status``), as ``tool_executor.risk_state`` builds them.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import safety
 import tools
 from brokers.base import Account, Order, OrderStatus, OrderType, Position, Quote, Side
 from config.settings import ClaudeSettings, RiskSettings
+from data.calendar import market_status
 from data.database import StopRow
-from data.market import market_status
 
 HKT = ZoneInfo("Asia/Hong_Kong")
 D = Decimal
